@@ -1,0 +1,1 @@
+"""Conversion of pretrained softmax transformers into FWPs, installed as ``hf_fwp.conversion``."""

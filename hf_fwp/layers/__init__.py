@@ -1,0 +1,1 @@
+"""FWP layers (attention blocks, feature maps, norms, short convolutions)."""

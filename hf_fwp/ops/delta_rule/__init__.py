@@ -1,0 +1,50 @@
+"""(Gated) delta rule: ``S_t = A_t + beta_t k_t (v_t - A_t^T k_t)^T`` with ``A_t = exp(g_t) S_{t-1}``."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
+from hf_fwp.ops.dispatch import resolve_backend
+from hf_fwp.ops.utils import check_inputs
+
+__all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal (gated) delta rule, the ``delta`` (DeltaNet) and ``gated_delta`` (Gated DeltaNet) FWP rules.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (k is usually L2-normalised: the op does not normalise); v: ``[B, T, H, V]``.
+        beta: writing strength ``[B, T, H]``, in (0, 1), or (0, 2) to allow negative eigenvalues.
+        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0); None means no decay.
+        scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size: as in
+            :func:`hf_fwp.ops.linear_attention`.
+
+    Returns:
+        ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
+    """
+    check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, backend, "delta_rule")
+    kwargs = dict(g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    backend = resolve_backend(backend, q, "delta_rule")
+    if backend == "naive":
+        return naive_delta_rule(q, k, v, beta, **kwargs)
+    if backend == "chunk":
+        return chunk_delta_rule(q, k, v, beta, chunk_size=chunk_size, **kwargs)
+    from hf_fwp.ops.delta_rule.triton import triton_delta_rule
+
+    return triton_delta_rule(q, k, v, beta, **kwargs)

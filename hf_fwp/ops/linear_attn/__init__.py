@@ -1,0 +1,53 @@
+"""(Gated) linear attention: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T (scale q_t)``."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_fwp.ops.dispatch import resolve_backend
+from hf_fwp.ops.linear_attn.reference import chunk_linear_attention, naive_linear_attention
+from hf_fwp.ops.utils import check_inputs
+
+__all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal (gated) linear attention, the ``linear`` and ``gated_linear`` FWP rules.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0); None means no decay.
+        scale: query scale, default ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``).
+        output_final_state: also return the state after the last token.
+        cu_seqlens: optional ``[N + 1]`` int offsets of N sequences packed along T (then B must be 1).
+        backend: ``"naive"`` (token loop), ``"chunk"`` (chunkwise torch), ``"triton"`` or ``"auto"``
+            (triton for CUDA tensors, chunk otherwise).
+        chunk_size: chunk length of the ``"chunk"`` backend.
+
+    Returns:
+        ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
+    """
+    check_inputs(q, k, v, None, g, initial_state, cu_seqlens, backend, "linear_attention")
+    kwargs = dict(g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    backend = resolve_backend(backend, q, "linear_attention")
+    if backend == "naive":
+        return naive_linear_attention(q, k, v, **kwargs)
+    if backend == "chunk":
+        return chunk_linear_attention(q, k, v, chunk_size=chunk_size, **kwargs)
+    from hf_fwp.ops.linear_attn.triton import triton_linear_attention
+
+    return triton_linear_attention(q, k, v, **kwargs)

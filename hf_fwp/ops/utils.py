@@ -1,0 +1,167 @@
+"""Input validation and helpers shared by every FWP op backend.
+
+The public ops (:func:`hf_fwp.ops.linear_attention`, :func:`hf_fwp.ops.delta_rule`) validate once and then
+hand plain tensors to a backend; backends assume validated input. Layout everywhere: q, k ``[B, T, H, K]``,
+v ``[B, T, H, V]``, beta and g ``[B, T, H]``, states ``[B, H, K, V]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "naive", "chunk", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype state math runs in: float64 when any input is float64 (for gradcheck), else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    backend: str,
+    op: str,
+) -> None:
+    """Raise ``ValueError`` naming the offending argument when the inputs break the op contract."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}.")
+    named = {"q": q, "k": k, "v": v}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: `{name}` must have rank 4 with layout [B, T, H, D] (batch, time, heads, head dim); got {_shape(t)}."
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{op}: `{name}` must be a floating tensor (fp16, bf16, fp32 or fp64); got {_shape(t)}.")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(
+            f"{op}: `k` must have the shape of `q` [B, T, H, K] = {tuple(q.shape)} (same batch, length, heads and "
+            f"key dim); got {_shape(k)}."
+        )
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"{op}: `v` must be [B, T, H, V] with B, T, H = {B}, {T}, {H} taken from `q`; got {_shape(v)}. "
+            "Repeat k/v heads yourself for grouped heads: no broadcasting is done."
+        )
+    if T == 0:
+        raise ValueError(f"{op}: sequence length T must be at least 1; got q with {_shape(q)}.")
+    if beta is not None:
+        _check_gate(beta, "beta", (B, T, H), op)
+    if g is not None:
+        _check_gate(g, "g", (B, T, H), op)
+    V = v.shape[-1]
+    devices = {t.device for t in (q, k, v, beta, g, initial_state, cu_seqlens) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}.")
+    N = B
+    if cu_seqlens is not None:
+        N = _check_cu_seqlens(cu_seqlens, B, T, op)
+    if initial_state is not None:
+        if initial_state.shape != (N, H, K, V):
+            what = "number of sequences in cu_seqlens" if cu_seqlens is not None else "batch size"
+            raise ValueError(
+                f"{op}: `initial_state` must be [N, H, K, V] = {(N, H, K, V)} (N = {what}); got {_shape(initial_state)}."
+            )
+        if initial_state.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"{op}: `initial_state` must be float32 (states accumulate in fp32); got {_shape(initial_state)}. "
+                "Call .float() on it."
+            )
+    if backend == "triton" and not q.is_cuda and not triton_interpreted():
+        raise ValueError(
+            f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); got "
+            f"tensors on {q.device}. Use backend='auto' or 'chunk' on CPU."
+        )
+
+
+def _check_gate(t: torch.Tensor, name: str, shape: tuple[int, int, int], op: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: `{name}` must be a torch.Tensor of shape [B, T, H] = {shape}; got {type(t).__name__}.")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: `{name}` must be [B, T, H] = {shape} (one value per token and head); got {_shape(t)}.")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: `{name}` must be a floating tensor; got {_shape(t)}.")
+
+
+def _check_cu_seqlens(cu: torch.Tensor, B: int, T: int, op: str) -> int:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: `cu_seqlens` must be a 1-D int32/int64 tensor of offsets [N + 1]; got {cu!r}.")
+    if B != 1:
+        raise ValueError(f"{op}: with `cu_seqlens` the sequences are packed along T, so B must be 1; got B = {B}.")
+    if cu.numel() < 2:
+        raise ValueError(f"{op}: `cu_seqlens` needs at least two offsets [0, ..., T]; got {cu.tolist()}.")
+    offsets = cu.tolist()
+    if offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"{op}: `cu_seqlens` must start at 0 and end at T = {T}; got {offsets}.")
+    if any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{op}: `cu_seqlens` must be strictly increasing (no empty sequences); got {offsets}.")
+    return len(offsets) - 1
+
+
+def triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pack_varlen(x: torch.Tensor | None, cu_seqlens: torch.Tensor) -> torch.Tensor | None:
+    """Scatter a packed ``[1, T, ...]`` tensor into a zero right-padded batch ``[N, T_max, ...]``.
+
+    Zero padding after a sequence is exact for every FWP rule: a zero key writes nothing, a zero log-decay
+    keeps the state, and a zero beta skips the delta update, so the final state of each row is its own.
+    """
+    if x is None:
+        return None
+    offsets = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    out = x.new_zeros((len(lengths), max(lengths)) + tuple(x.shape[2:]))
+    for i, (start, n) in enumerate(zip(offsets, lengths)):
+        out[i, :n] = x[0, start : start + n]
+    return out
+
+
+def unpack_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_varlen` for outputs: ``[N, T_max, ...]`` -> packed ``[1, T, ...]``."""
+    offsets = cu_seqlens.tolist()
+    parts = [x[i, : b - a] for i, (a, b) in enumerate(zip(offsets, offsets[1:]))]
+    return torch.cat(parts, dim=0).unsqueeze(0)
+
+
+def varlen_separately(fn, qkv, g, scale, initial_state, output_final_state, cu_seqlens, beta=None):
+    """Run ``fn`` on each packed sequence separately and concatenate: the spec for ``cu_seqlens``."""
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        seg = [x[:, a:b] for x in qkv]
+        kwargs = dict(g=None if g is None else g[:, a:b], scale=scale, output_final_state=True,
+                      initial_state=None if initial_state is None else initial_state[i : i + 1])
+        if beta is not None:
+            seg.append(beta[:, a:b])
+        o, S = fn(*seg, **kwargs)
+        outs.append(o)
+        finals.append(S)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+def varlen_padded(fn, qkv, g, scale, initial_state, output_final_state, cu_seqlens, beta=None, **kw):
+    """Run ``fn`` once on the sequences of ``cu_seqlens`` scattered into a right-padded batch."""
+    args = [pack_varlen(x, cu_seqlens) for x in qkv]
+    if beta is not None:
+        args.append(pack_varlen(beta, cu_seqlens))
+    o, S = fn(*args, g=pack_varlen(g, cu_seqlens), scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, **kw)
+    return unpack_varlen(o, cu_seqlens), S

@@ -1,0 +1,1 @@
+"""Model classes, installed as ``hf_fwp.modeling`` (FWPConfig, FWPModel, FWPForCausalLM)."""
