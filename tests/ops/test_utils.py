@@ -1,0 +1,90 @@
+"""Bad input to the public ops raises ValueError naming the argument and what was expected."""
+
+import pytest
+import torch
+
+from hf_fwp.ops import delta_rule, linear_attention
+from hf_fwp.ops.utils import pack_varlen, unpack_varlen
+
+B, T, H, K, V = 2, 5, 3, 4, 6
+
+
+def _ok():
+    return dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V),
+                beta=torch.rand(B, T, H), g=-torch.rand(B, T, H))
+
+
+def _call(**over):
+    x = {**_ok(), **over}
+    extra = {n: x.pop(n) for n in list(x) if n not in ("q", "k", "v", "beta")}
+    return delta_rule(x["q"], x["k"], x["v"], x["beta"], **extra)
+
+
+@pytest.mark.parametrize(
+    "over, pattern",
+    [
+        (dict(q=torch.randn(B, T, H * K)), r"`q` must have rank 4"),
+        (dict(k=torch.randn(B, T, H, K + 1)), r"`k` must have the shape of `q`"),
+        (dict(k=torch.randn(B, T, H + 1, K)), r"`k` must have the shape of `q`"),
+        (dict(v=torch.randn(B, T, H + 1, V)), r"`v` must be \[B, T, H, V\]"),
+        (dict(v=torch.randn(B, T + 1, H, V)), r"`v` must be \[B, T, H, V\]"),
+        (dict(beta=torch.rand(B, T, H, 1)), r"`beta` must be \[B, T, H\]"),
+        (dict(g=torch.rand(B, T)), r"`g` must be \[B, T, H\]"),
+        (dict(q=torch.randint(0, 3, (B, T, H, K))), r"`q` must be a floating tensor"),
+        (dict(initial_state=torch.zeros(B, H, V, K)), r"`initial_state` must be \[N, H, K, V\]"),
+        (dict(initial_state=torch.zeros(B, H, K, V, dtype=torch.bfloat16)), r"`initial_state` must be float32"),
+        (dict(backend="cuda"), r"backend='cuda' is not one of"),
+        (dict(q=torch.randn(B, 0, H, K), k=torch.randn(B, 0, H, K), v=torch.randn(B, 0, H, V),
+              beta=torch.rand(B, 0, H), g=-torch.rand(B, 0, H)), r"T must be at least 1"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(over, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _call(**over)
+
+
+def test_device_mismatch_is_reported():
+    meta = torch.randn(B, T, H, V, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        _call(v=meta)
+
+
+@pytest.mark.parametrize(
+    "cu, pattern",
+    [
+        (torch.tensor([0, 3, 2, 10]), "strictly increasing"),
+        (torch.tensor([0, 4, 9]), "end at T = 10"),
+        (torch.tensor([1, 4, 10]), "start at 0"),
+        (torch.tensor([0.0, 10.0]), "1-D int32/int64"),
+        (torch.tensor([0, 5, 5, 10]), "strictly increasing"),
+    ],
+)
+def test_bad_cu_seqlens(cu, pattern):
+    q = torch.randn(1, 10, H, K)
+    with pytest.raises(ValueError, match=pattern):
+        linear_attention(q, q, torch.randn(1, 10, H, V), cu_seqlens=cu)
+
+
+def test_cu_seqlens_needs_batch_of_one_and_state_per_sequence():
+    q = torch.randn(2, 10, H, K)
+    with pytest.raises(ValueError, match="B must be 1"):
+        linear_attention(q, q, torch.randn(2, 10, H, V), cu_seqlens=torch.tensor([0, 4, 10]))
+    q = torch.randn(1, 10, H, K)
+    with pytest.raises(ValueError, match="number of sequences in cu_seqlens"):
+        linear_attention(q, q, torch.randn(1, 10, H, V), cu_seqlens=torch.tensor([0, 4, 10]),
+                         initial_state=torch.zeros(1, H, K, V))
+
+
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        _call(backend="triton")
+
+
+def test_pack_unpack_round_trip():
+    cu = torch.tensor([0, 2, 7, 8])
+    x = torch.randn(1, 8, 3)
+    packed = pack_varlen(x, cu)
+    assert packed.shape == (3, 5, 3)
+    assert (packed[0, 2:] == 0).all() and (packed[2, 1:] == 0).all()
+    torch.testing.assert_close(unpack_varlen(packed, cu), x)
