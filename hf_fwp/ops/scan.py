@@ -38,6 +38,7 @@ class _MatrixScan(torch.autograd.Function):
         dS = d_states[N].clone()
         for n in range(N - 1, -1, -1):
             dD[n] = dS
+            # P may be a strided view (a column slice of a larger product): bmm takes it without a copy.
             torch.bmm(dS, states[n].transpose(-1, -2), out=dP[n])
             dS = torch.baddbmm(d_states[n], P[n].transpose(-1, -2), dS)
         return dP, dD, dS
@@ -74,11 +75,11 @@ class _ScalarScan(torch.autograd.Function):
 
 def matrix_scan(P: torch.Tensor, D: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
     """States of ``S_{n+1} = P_n S_n + D_n``; see :class:`_MatrixScan` for shapes."""
-    return _MatrixScan.apply(P.contiguous(), D.contiguous(), S0.contiguous())
+    return _MatrixScan.apply(P, D, S0.contiguous())
 
 
 def scalar_scan(gamma: torch.Tensor | None, D: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
     """States of ``S_{n+1} = gamma_n S_n + D_n`` (``gamma=None`` means 1: a plain exclusive prefix sum)."""
     if gamma is None:
         return torch.cat([S0[None], S0[None] + D.cumsum(0)], dim=0)
-    return _ScalarScan.apply(gamma.contiguous(), D.contiguous(), S0.contiguous())
+    return _ScalarScan.apply(gamma, D, S0.contiguous())

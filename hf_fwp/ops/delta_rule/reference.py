@@ -89,31 +89,28 @@ def chunk_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    qc, kc, vc, bc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, beta, g))
-    mask, gamma, tail, chunk_log = decay_terms(gc, chunk_size, q.device, dt)
-
+    qc, kc, vc, bc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, beta, g))  # [N, G, C, *]
+    N, G, C = bc.shape
+    mask, gamma, tail, chunk = decay_terms(gc, C, q.device, dt)
+    flat = lambda x: x.reshape(N * G, *x.shape[2:])  # noqa: E731  (views: bmm wants 3-D operands)
+    kT = flat(kc).transpose(-1, -2)
     kb = kc * bc[..., None]
-    # Only the strict lower triangle is read (unitriangular solve), so no explicit masking of L is needed.
-    L = kb @ kc.transpose(-1, -2) if gamma is None else (kb @ kc.transpose(-1, -2)) * mask
-    rhs = torch.cat([vc * bc[..., None], kb if gamma is None else kb * gamma[..., None]], dim=-1)
-    W = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    Wv, Wk = W[..., :V], W[..., V:]
-    A = (scale * (qc @ kc.transpose(-1, -2))) * mask
-    AW = A @ W  # one product for A W_v and A W_k
+    # Only the strict lower triangle of L is read (unitriangular solve), so it needs no masking of its own.
+    L = torch.bmm(flat(kb), kT).view(N, G, C, C)
+    if gamma is not None:
+        L = L * mask
+    rhs = torch.cat([vc, kc if gamma is None else kc * gamma[..., None]], dim=-1) * bc[..., None]
+    W = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # [W_v | W_k]
+    zero = q.new_zeros((), dtype=dt).expand(1, 1, 1)
+    A = torch.baddbmm(zero, flat(qc), kT, beta=0.0, alpha=scale) * (mask if gamma is None else flat(mask))
+    AW = torch.bmm(A, flat(W)).view(N, G, C, V + K)  # [A W_v | A W_k] in one product
     kd = kc if tail is None else kc * tail[..., None]
-    kdT = kd.transpose(-1, -2)
+    KW = torch.bmm(flat(kd).transpose(-1, -2), flat(W)).view(N, G, K, V + K)  # [K_d^T W_v | K_d^T W_k]
     eye = torch.eye(K, dtype=dt, device=q.device)
-    P = (eye if chunk_log is None else chunk_log.exp()[..., None, None] * eye) - kdT @ Wk  # [B, H, N, K, K]
-    D = kdT @ Wv
-    N = D.shape[2]
-    S0 = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
-    states = matrix_scan(
-        P.permute(2, 0, 1, 3, 4).reshape(N, B * H, K, K),
-        D.permute(2, 0, 1, 3, 4).reshape(N, B * H, K, V),
-        S0.reshape(B * H, K, V),
-    )
-    S_n = states[:N].reshape(N, B, H, K, V).permute(1, 2, 0, 3, 4)
-    qg = scale * qc if gamma is None else (scale * qc) * gamma[..., None]
-    o = AW[..., :V] + (qg - AW[..., V:]) @ S_n
+    P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]  # [N, G, K, K]
+    S0 = q.new_zeros(G, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(G, K, V)
+    states = matrix_scan(P, KW[..., :V], S0)  # [N + 1, G, K, V]
+    qg = scale * qc if gamma is None else qc * (scale * gamma)[..., None]
+    o = torch.baddbmm(flat(AW[..., :V]), flat(qg - AW[..., V:]), flat(states[:N]))
     final = states[N].reshape(B, H, K, V) if output_final_state else None
-    return from_chunks(o, T, v.dtype), final
+    return from_chunks(o.view(N, G, C, V), B, T, v.dtype), final

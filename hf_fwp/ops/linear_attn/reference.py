@@ -74,23 +74,19 @@ def chunk_linear_attention(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    qc, kc, vc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, g))
-    qc = qc * scale
-    mask, gamma, tail, chunk_log = decay_terms(gc, chunk_size, q.device, dt)
-
-    o = ((qc @ kc.transpose(-1, -2)) * mask) @ vc
+    qc, kc, vc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, g))  # [N, G, C, *]
+    N, G, C = qc.shape[:3]
+    mask, gamma, tail, chunk = decay_terms(gc, C, q.device, dt)
+    flat = lambda x: x.reshape(N * G, *x.shape[2:])  # noqa: E731  (views: bmm wants 3-D operands)
+    zero = q.new_zeros((), dtype=dt).expand(1, 1, 1)
+    A = torch.baddbmm(zero, flat(qc), flat(kc).transpose(-1, -2), beta=0.0, alpha=scale)
+    A = A * (mask if gamma is None else flat(mask))
     kd = kc if tail is None else kc * tail[..., None]
-    D = kd.transpose(-1, -2) @ vc  # [B, H, N, K, V]: what each chunk writes
-    N = D.shape[2]
-    S0 = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
-    states = scalar_scan(
-        None if chunk_log is None else chunk_log.exp().permute(2, 0, 1).reshape(N, B * H),
-        D.permute(2, 0, 1, 3, 4).reshape(N, B * H, K, V),
-        S0.reshape(B * H, K, V),
-    )
-    S_n = states[:N].reshape(N, B, H, K, V).permute(1, 2, 0, 3, 4)
-    qg = qc if gamma is None else qc * gamma[..., None]
-    o = o + qg @ S_n
+    D = torch.bmm(flat(kd).transpose(-1, -2), flat(vc)).view(N, G, K, V)  # what each chunk writes
+    S0 = q.new_zeros(G, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(G, K, V)
+    states = scalar_scan(chunk, D, S0)  # [N + 1, G, K, V]
+    qg = scale * qc if gamma is None else qc * (scale * gamma)[..., None]
+    o = torch.baddbmm(torch.bmm(A, flat(vc)), flat(qg), flat(states[:N]))
     final = states[N].reshape(B, H, K, V) if output_final_state else None
-    return from_chunks(o, T, v.dtype), final
+    return from_chunks(o.view(N, G, C, V), B, T, v.dtype), final
 
