@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from hf_fwp.ops.chunking import decay_terms, from_chunks, to_chunks
-from hf_fwp.ops.scan import matrix_scan
+from hf_fwp.ops.scan import matrix_scan_backward, matrix_scan_forward
 from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
 
 
@@ -79,8 +79,8 @@ def chunk_delta_rule(
         O       = A W_v + (scale Gamma Q - A W_k) S_n,          A = scale Q K^T * M
         S_{n+1} = (exp(b_C) I - K_d^T W_k) S_n + K_d^T W_v,      K_d = exp(b_C - b) K
 
-    so the only sequential work is one [K, K] x [K, V] product per chunk (:func:`hf_fwp.ops.scan.matrix_scan`,
-    hand-written backward); everything else is batched over all chunks.
+    so the only sequential work is one [K, K] x [K, V] product per chunk; everything else is batched over all
+    chunks. The backward pass is written by hand (:class:`_ChunkDelta`).
     """
     if cu_seqlens is not None:
         return varlen_padded(chunk_delta_rule, (q, k, v), g, scale, initial_state, output_final_state, cu_seqlens,
@@ -90,27 +90,88 @@ def chunk_delta_rule(
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     qc, kc, vc, bc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, beta, g))  # [N, G, C, *]
-    N, G, C = bc.shape
-    mask, gamma, tail, chunk = decay_terms(gc, C, q.device, dt)
-    flat = lambda x: x.reshape(N * G, *x.shape[2:])  # noqa: E731  (views: bmm wants 3-D operands)
-    kT = flat(kc).transpose(-1, -2)
-    kb = kc * bc[..., None]
-    # Only the strict lower triangle of L is read (unitriangular solve), so it needs no masking of its own.
-    L = torch.bmm(flat(kb), kT).view(N, G, C, C)
-    if gamma is not None:
-        L = L * mask
-    rhs = torch.cat([vc, kc if gamma is None else kc * gamma[..., None]], dim=-1) * bc[..., None]
-    W = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # [W_v | W_k]
-    zero = q.new_zeros((), dtype=dt).expand(1, 1, 1)
-    A = torch.baddbmm(zero, flat(qc), kT, beta=0.0, alpha=scale) * (mask if gamma is None else flat(mask))
-    AW = torch.bmm(A, flat(W)).view(N, G, C, V + K)  # [A W_v | A W_k] in one product
-    kd = kc if tail is None else kc * tail[..., None]
-    KW = torch.bmm(flat(kd).transpose(-1, -2), flat(W)).view(N, G, K, V + K)  # [K_d^T W_v | K_d^T W_k]
-    eye = torch.eye(K, dtype=dt, device=q.device)
-    P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]  # [N, G, K, K]
-    S0 = q.new_zeros(G, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(G, K, V)
-    states = matrix_scan(P, KW[..., :V], S0)  # [N + 1, G, K, V]
-    qg = scale * qc if gamma is None else qc * (scale * gamma)[..., None]
-    o = torch.baddbmm(flat(AW[..., :V]), flat(qg - AW[..., V:]), flat(states[:N]))
-    final = states[N].reshape(B, H, K, V) if output_final_state else None
-    return from_chunks(o.view(N, G, C, V), B, T, v.dtype), final
+    S0 = q.new_zeros(B * H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(B * H, K, V)
+    o, final = _ChunkDelta.apply(qc, kc, vc, bc, gc, S0, scale)
+    return from_chunks(o, B, T, v.dtype), (final.reshape(B, H, K, V) if output_final_state else None)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matmul over leading ``[N, G]`` dims through one 3-D bmm (views, no copies for contiguous input)."""
+    N, G = a.shape[:2]
+    return torch.bmm(a.reshape(N * G, *a.shape[2:]), b.reshape(N * G, *b.shape[2:])).view(N, G, a.shape[2], b.shape[3])
+
+
+class _ChunkDelta(torch.autograd.Function):
+    """Chunked delta rule on chunk-major tensors ``q, k [N, G, C, K]``, ``v [N, G, C, V]``, ``beta, g [N, G, C]``
+    (g may be None), ``S0 [G, K, V]`` -> ``(o [N, G, C, V], final state [G, K, V])``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S0, scale):
+        N, G, C, K = q.shape
+        V = v.shape[-1]
+        mask, gamma, tail, chunk = decay_terms(g, C, q.device, q.dtype)
+        kT = k.transpose(-1, -2)
+        kb = k * beta[..., None]
+        # Only the strict lower triangle of L is read (unitriangular solve), so it needs no masking of its own.
+        L = _bmm(kb, kT) * mask
+        R = torch.cat([v, k if gamma is None else k * gamma[..., None]], dim=-1) * beta[..., None]
+        W = torch.linalg.solve_triangular(L, R, upper=False, unitriangular=True)  # [W_v | W_k]
+        A = _bmm(q, kT).mul_(mask).mul_(scale)
+        AW = _bmm(A, W)  # [A W_v | A W_k] in one product
+        kd = k if tail is None else k * tail[..., None]
+        KW = _bmm(kd.transpose(-1, -2), W)  # [K_d^T W_v | K_d^T W_k]
+        eye = torch.eye(K, dtype=q.dtype, device=q.device)
+        P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]
+        states = matrix_scan_forward(P, KW[..., :V], S0)
+        qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
+        X = qg - AW[..., V:]
+        o = torch.baddbmm(AW[..., :V].reshape(N * G, C, V), X.reshape(N * G, C, K),
+                          states[:N].reshape(N * G, K, V)).view(N, G, C, V)
+        ctx.save_for_backward(q, k, v, beta, g, mask, L, W, A, P, states, X)
+        ctx.scale = scale
+        return o, states[N]
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, v, beta, g, mask, L, W, A, P, states, X = ctx.saved_tensors
+        scale = ctx.scale
+        N, G, C, K = q.shape
+        V = v.shape[-1]
+        gated = g is not None
+        _, gamma, tail, chunk = decay_terms(g, C, q.device, q.dtype) if gated else (None,) * 4
+        S_n = states[:N]
+        dX = _bmm(d_o, S_n.transpose(-1, -2))  # dO S_n^T: [N, G, C, K]
+        d_states = torch.cat([_bmm(X.transpose(-1, -2), d_o), d_final[None]], dim=0)
+        dP, dD, dS0 = matrix_scan_backward(P, states, d_states)
+        dKW = torch.cat([dD, -dP], dim=-1)  # [N, G, K, V + K]
+        dAW = torch.cat([d_o, -dX], dim=-1)  # [N, G, C, V + K]
+        kd = k if tail is None else k * tail[..., None]
+        d_kd = _bmm(W, dKW.transpose(-1, -2))
+        dW = _bmm(kd, dKW) + _bmm(A.transpose(-1, -2), dAW)
+        dA = _bmm(dAW, W.transpose(-1, -2))
+        # W = (I + L)^{-1} R  =>  dR = (I + L)^{-T} dW,  dL = -dR W^T on the strict lower triangle.
+        dR = torch.linalg.solve_triangular(L.transpose(-1, -2), dW, upper=True, unitriangular=True)
+        dL = _bmm(dR, W.transpose(-1, -2)).neg_().tril_(-1)
+        dAm = dA * mask
+        dLm = dL * mask
+        kb = k * beta[..., None]
+        dkb = _bmm(dLm, k)
+        dq = _bmm(dAm, k).mul_(scale) + (dX * scale if gamma is None else dX * (scale * gamma)[..., None])
+        dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale) + _bmm(dLm.transpose(-1, -2), kb)
+        dRv, dRk = dR[..., :V], dR[..., V:]
+        gk = k if gamma is None else k * gamma[..., None]
+        dv = dRv * beta[..., None]
+        dbeta = (dRv * v).sum(-1) + (dRk * gk).sum(-1) + (dkb * k).sum(-1)
+        dk += dRk * (beta if gamma is None else beta * gamma)[..., None] + dkb * beta[..., None]
+        dk += d_kd if tail is None else d_kd * tail[..., None]
+        dg = None
+        if gated:
+            # Log-space chain rule: every decay factor is exp(a difference of b), so db collects d(factor) * factor.
+            Z = dA * A + dL * L
+            db = Z.sum(-1) - Z.sum(-2)
+            db += (dRk * gk).sum(-1) * beta + (dX * q).sum(-1) * (scale * gamma)
+            e = (d_kd * kd).sum(-1)
+            db -= e
+            db[..., -1] += e.sum(-1) + dP.diagonal(dim1=-2, dim2=-1).sum(-1) * chunk
+            dg = db.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(g)  =>  dg = reverse cumsum of db
+        return dq, dk, dv, dbeta, dg, dS0, None

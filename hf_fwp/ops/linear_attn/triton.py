@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_fwp.ops.utils import triton_interpreted
+
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
@@ -63,6 +65,12 @@ def _store_vec(ptr, b_x, off, n, stride, BR: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``a @ b`` with both operands cast to the compute dtype and an fp32 accumulator."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PREC, out_dtype=tl.float32)
+
+
+@triton.jit
 def _chunk_local_cumsum_kernel(g, gc, cu_seqlens, chunk_idx, H: tl.constexpr, BT: tl.constexpr):
     """Within-chunk inclusive cumsum of the log-decay. g: ``[T_all, H]`` any float; gc: ``[T_all, H]`` fp32."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -79,7 +87,7 @@ def _chunk_state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                             USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                            DOT_PREC: tl.constexpr):
+                            DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Chunk-start states of one sequence and head, one ``[BK, BV]`` block per program.
 
     k: ``[T_all, H, K]``; v: ``[T_all, H, V]``; gc: ``[T_all, H]`` fp32 within-chunk cumsum; h: ``[NC, H, K, V]``
@@ -107,9 +115,9 @@ def _chunk_state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets,
             b_g = _load_vec(gc + bos * H + i_h, i_t * BT, T, H, BT)
             o_t = i_t * BT + tl.arange(0, BT)
             # Rows past the sequence end hold zero keys; masking their exponent keeps every exp argument <= 0.
-            b_k = (b_k * tl.exp(tl.where(o_t < T, b_glast - b_g, 0.0))[None, :]).to(b_v.dtype)
+            b_k = b_k * tl.exp(tl.where(o_t < T, b_glast - b_g, 0.0))[None, :]
             b_h *= tl.exp(b_glast)
-        b_h += tl.dot(b_k.to(b_v.dtype), b_v, input_precision=DOT_PREC, out_dtype=tl.float32)
+        b_h += _dot(b_k, b_v, DOT_DTYPE, DOT_PREC)
     if STORE_HT:
         _store_tile(ht + i_nh * K * V, b_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
 
@@ -118,7 +126,7 @@ def _chunk_state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets,
 def _chunk_output_fwd_kernel(q, k, v, gc, h, o, cu_seqlens, chunk_idx, scale,
                              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                             USE_G: tl.constexpr, DOT_PREC: tl.constexpr):
+                             USE_G: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Outputs of one chunk: intra-chunk attention plus the inter-chunk read of the chunk-start state.
 
     q, k: ``[T_all, H, K]``; v, o: ``[T_all, H, V]``; h: ``[NC, H, K, V]`` fp32. Grid ``(cdiv(V, BV), NC, H)``.
@@ -130,7 +138,7 @@ def _chunk_output_fwd_kernel(q, k, v, gc, h, o, cu_seqlens, chunk_idx, scale,
     T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     p_q = q + (bos * H + i_h) * K
     p_k = k + (bos * H + i_h) * K
-    p_h = h + (i_c * H + i_h) * K * V
+    p_h = h + (i_c * H + i_h).to(tl.int64) * K * V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -138,8 +146,8 @@ def _chunk_output_fwd_kernel(q, k, v, gc, h, o, cu_seqlens, chunk_idx, scale,
         b_q = _load_tile(p_q, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         b_k = _load_tile(p_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)  # k^T
         b_h = _load_tile(p_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
-        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
-        b_A += tl.dot(b_q, b_k, input_precision=DOT_PREC, out_dtype=tl.float32)
+        b_o += _dot(b_q, b_h, DOT_DTYPE, DOT_PREC)
+        b_A += _dot(b_q, b_k, DOT_DTYPE, DOT_PREC)
 
     o_i = tl.arange(0, BT)
     causal = o_i[:, None] >= o_i[None, :]
@@ -151,7 +159,7 @@ def _chunk_output_fwd_kernel(q, k, v, gc, h, o, cu_seqlens, chunk_idx, scale,
     else:
         b_A = tl.where(causal, b_A, 0.0)
     b_v = _load_tile(v + (bos * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-    b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PREC, out_dtype=tl.float32)) * scale
+    b_o = (b_o + _dot(b_A, b_v, DOT_DTYPE, DOT_PREC)) * scale
     _store_tile(o + (bos * H + i_h) * V, b_o, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
 
 
@@ -160,7 +168,7 @@ def _chunk_state_bwd_kernel(q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, 
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                             USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                            DOT_PREC: tl.constexpr):
+                            DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Reverse state recurrence: ``dh[c]`` is the gradient of the state at the END of chunk c.
 
     ``dS_n = exp(b_C) dS_{n+1} + scale (exp(b) Q)^T dO``. q: ``[T_all, H, K]``; do: ``[T_all, H, V]``;
@@ -187,9 +195,9 @@ def _chunk_state_bwd_kernel(q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, 
             last = tl.minimum(i_t * BT + BT, T) - 1
             b_glast = tl.load(gc + (bos + last) * H + i_h)
             b_g = _load_vec(gc + bos * H + i_h, i_t * BT, T, H, BT)
-            b_q = (b_q * tl.exp(b_g)[None, :]).to(b_do.dtype)
+            b_q = b_q * tl.exp(b_g)[None, :]
             b_dh *= tl.exp(b_glast)
-        b_dh += tl.dot(b_q.to(b_do.dtype), b_do, input_precision=DOT_PREC, out_dtype=tl.float32) * scale
+        b_dh += _dot(b_q, b_do, DOT_DTYPE, DOT_PREC) * scale
     if STORE_DH0:
         _store_tile(dh0 + i_nh * K * V, b_dh, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
 
@@ -198,7 +206,7 @@ def _chunk_state_bwd_kernel(q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, 
 def _chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     USE_G: tl.constexpr, DOT_PREC: tl.constexpr):
+                     USE_G: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dV = scale (Q K^T * M)^T dO + exp(b_C - b) (K dh)`` for one chunk.
 
     q, k: ``[T_all, H, K]``; do, dv: ``[T_all, H, V]``; dh: ``[NC, H, K, V]`` fp32. Grid ``(cdiv(V, BV), NC, H)``.
@@ -210,7 +218,7 @@ def _chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
     T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     p_q = q + (bos * H + i_h) * K
     p_k = k + (bos * H + i_h) * K
-    p_dh = dh + (i_c * H + i_h) * K * V
+    p_dh = dh + (i_c * H + i_h).to(tl.int64) * K * V
 
     b_At = tl.zeros([BT, BT], dtype=tl.float32)  # [i, t] = k_i . q_t
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
@@ -218,8 +226,8 @@ def _chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
         b_k = _load_tile(p_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         b_q = _load_tile(p_q, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)  # q^T
         b_dh = _load_tile(p_dh, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
-        b_At += tl.dot(b_k, b_q, input_precision=DOT_PREC, out_dtype=tl.float32)
-        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
+        b_At += _dot(b_k, b_q, DOT_DTYPE, DOT_PREC)
+        b_dv += _dot(b_k, b_dh, DOT_DTYPE, DOT_PREC)
 
     o_i = tl.arange(0, BT)
     anticausal = o_i[:, None] <= o_i[None, :]
@@ -232,7 +240,7 @@ def _chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
     else:
         b_At = tl.where(anticausal, b_At, 0.0)
     b_do = _load_tile(do + (bos * H + i_h) * V, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-    b_dv += tl.dot((b_At * scale).to(b_do.dtype), b_do, input_precision=DOT_PREC, out_dtype=tl.float32)
+    b_dv += _dot(b_At * scale, b_do, DOT_DTYPE, DOT_PREC)
     _store_tile(dv + (bos * H + i_h) * V, b_dv, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
 
 
@@ -240,7 +248,7 @@ def _chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
 def _chunk_dqk_kernel(q, k, v, do, gc, h, dh, dq, dk, dB, cu_seqlens, chunk_idx, scale, T_all,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      USE_G: tl.constexpr, DOT_PREC: tl.constexpr):
+                      USE_G: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq and dk of one chunk and K block, plus this block's share of ``q . dq - k . dk``.
 
     ``dQ = scale (exp(b) (dO h^T) + (dO V^T * M) K)``, ``dK = exp(b_C - b) (V dh^T) + scale (dO V^T * M)^T Q``.
@@ -254,8 +262,8 @@ def _chunk_dqk_kernel(q, k, v, do, gc, h, dh, dq, dk, dB, cu_seqlens, chunk_idx,
     T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     p_v = v + (bos * H + i_h) * V
     p_do = do + (bos * H + i_h) * V
-    p_h = h + (i_c * H + i_h) * K * V
-    p_dh = dh + (i_c * H + i_h) * K * V
+    p_h = h + (i_c * H + i_h).to(tl.int64) * K * V
+    p_dh = dh + (i_c * H + i_h).to(tl.int64) * K * V
 
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # [t, i] = do_t . v_i
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -264,11 +272,11 @@ def _chunk_dqk_kernel(q, k, v, do, gc, h, dh, dq, dk, dB, cu_seqlens, chunk_idx,
         b_vt = _load_tile(p_v, i_v * BV, i_t * BT, V, T, 1, H * V, BV, BT)
         b_do = _load_tile(p_do, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         # Transposed [BV, BK] views of the K x V states.
-        b_ht = _load_tile(p_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK).to(b_do.dtype)
-        b_dht = _load_tile(p_dh, i_v * BV, i_k * BK, V, K, 1, V, BV, BK).to(b_do.dtype)
-        b_dA += tl.dot(b_do, b_vt, input_precision=DOT_PREC, out_dtype=tl.float32)
-        b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC, out_dtype=tl.float32)
-        b_dk += tl.dot(tl.trans(b_vt), b_dht, input_precision=DOT_PREC, out_dtype=tl.float32)
+        b_ht = _load_tile(p_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
+        b_dht = _load_tile(p_dh, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
+        b_dA += _dot(b_do, b_vt, DOT_DTYPE, DOT_PREC)
+        b_dq += _dot(b_do, b_ht, DOT_DTYPE, DOT_PREC)
+        b_dk += _dot(tl.trans(b_vt), b_dht, DOT_DTYPE, DOT_PREC)
 
     b_q = _load_tile(q + (bos * H + i_h) * K, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     b_k = _load_tile(k + (bos * H + i_h) * K, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
@@ -283,9 +291,9 @@ def _chunk_dqk_kernel(q, k, v, do, gc, h, dh, dq, dk, dB, cu_seqlens, chunk_idx,
         b_dA *= tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))
     else:
         b_dA = tl.where(causal, b_dA, 0.0)
-    b_dA = (b_dA * scale).to(b_q.dtype)
-    b_dq = b_dq * scale + tl.dot(b_dA, b_k, input_precision=DOT_PREC, out_dtype=tl.float32)
-    b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PREC, out_dtype=tl.float32)
+    b_dA *= scale
+    b_dq = b_dq * scale + _dot(b_dA, b_k, DOT_DTYPE, DOT_PREC)
+    b_dk += _dot(tl.trans(b_dA), b_q, DOT_DTYPE, DOT_PREC)
 
     _store_tile(dq + (bos * H + i_h) * K, b_dq, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     _store_tile(dk + (bos * H + i_h) * K, b_dk, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
@@ -454,9 +462,14 @@ def _tile(d: int) -> int:
     return min(_MAX_TILE, max(16, triton.next_power_of_2(d)))
 
 
-def _dot_precision(dtype: torch.dtype):
+def _dot_config(dtype: torch.dtype) -> dict:
+    """Compute dtype and precision of every tl.dot for inputs of ``dtype``."""
+    dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    if dtype == torch.bfloat16 and triton_interpreted():
+        # The interpreter multiplies bf16 tiles as their raw uint16 bits; emulate them in fp32 there.
+        dot_dtype = tl.float32
     # fp32 inputs must stay fp32-exact (the default TF32 loses ~3 digits); half inputs ignore the setting.
-    return "ieee" if dtype == torch.float32 else None
+    return dict(DOT_DTYPE=dot_dtype, DOT_PREC="ieee" if dot_dtype == tl.float32 else None)
 
 
 def _chunk_local_cumsum(g: torch.Tensor, seqs: _Seqs) -> torch.Tensor:
@@ -478,7 +491,7 @@ def _chunk_state_fwd(k, v, gc, h0, seqs: _Seqs, store_final: bool):
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), seqs.N * H)
     _chunk_state_fwd_kernel[grid](
         k, v, gc, h, h0, ht, seqs.cu_seqlens, seqs.chunk_offsets, H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV,
-        USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=store_final, DOT_PREC=_dot_precision(k.dtype),
+        USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=store_final, **_dot_config(k.dtype),
         num_warps=4,
     )
     return h, ht
@@ -492,7 +505,7 @@ def _chunk_output_fwd(q, k, v, gc, h, scale: float, seqs: _Seqs) -> torch.Tensor
     o = torch.empty_like(v)
     _chunk_output_fwd_kernel[(triton.cdiv(V, BV), seqs.NC, H)](
         q, k, v, gc, h, o, seqs.cu_seqlens, seqs.chunk_idx, scale, H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV,
-        USE_G=gc is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=4,
+        USE_G=gc is not None, **_dot_config(q.dtype), num_warps=4,
     )
     return o
 
@@ -508,7 +521,7 @@ def _chunk_state_bwd(q, do, gc, dht, scale: float, seqs: _Seqs, store_dh0: bool)
     _chunk_state_bwd_kernel[grid](
         q, do, gc, dh, dht, dh0, seqs.cu_seqlens, seqs.chunk_offsets, scale, H=H, K=K, V=V, BT=seqs.BT,
         BK=BK, BV=BV, USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=store_dh0,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=4,
+        **_dot_config(q.dtype), num_warps=4,
     )
     return dh, dh0
 
@@ -520,7 +533,7 @@ def _chunk_dv(q, k, do, gc, dh, scale: float, seqs: _Seqs) -> torch.Tensor:
     dv = torch.empty_like(do)
     _chunk_dv_kernel[(triton.cdiv(V, BV), seqs.NC, H)](
         q, k, do, gc, dh, dv, seqs.cu_seqlens, seqs.chunk_idx, scale, H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV,
-        USE_G=gc is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=4,
+        USE_G=gc is not None, **_dot_config(q.dtype), num_warps=4,
     )
     return dv
 
@@ -535,7 +548,7 @@ def _chunk_dqk(q, k, v, do, gc, h, dh, scale: float, seqs: _Seqs):
     dB = q.new_empty(NK, T_all, H, dtype=torch.float32) if gc is not None else None
     _chunk_dqk_kernel[(NK, seqs.NC, H)](
         q, k, v, do, gc, h, dh, dq, dk, dB, seqs.cu_seqlens, seqs.chunk_idx, scale, T_all, H=H, K=K, V=V,
-        BT=seqs.BT, BK=BK, BV=BV, USE_G=gc is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=4,
+        BT=seqs.BT, BK=BK, BV=BV, USE_G=gc is not None, **_dot_config(q.dtype), num_warps=4,
     )
     return dq, dk, dB
 
