@@ -185,12 +185,22 @@ def chunk_prepare_fwd_kernel(
         b_rk = b_rk * tl.exp(b_b)[:, None]
     b_L = tl.where(m_s, b_L, 0.0)
 
-    # Forward substitution, one row at a time: Tm[i, :] = e_i - L[i, :] Tm (rows j < i are final).
-    b_tm = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        b_row = tl.sum(tl.where(o_i[:, None] == i, b_L, 0.0), 0)
-        b_new = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_row[:, None] * b_tm, 0)
-        b_tm = tl.where(o_i[:, None] == i, b_new[None, :], b_tm)
+    # Blockwise inverse with 16 x 16 diagonal blocks. First all diagonal blocks at once by forward substitution:
+    # step i finalises row i of every block, Tm[i, :] = e_i - L_diag[i, :] Tm (its earlier rows are final).
+    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    o_blk = o_i // 16
+    m_blk = o_blk[:, None] == o_blk[None, :]
+    b_tm = b_eye
+    for i in range(1, 16):
+        m_row = (o_i % 16) == i
+        b_new = b_eye - _dot(tl.where(m_row[:, None] & m_blk, b_L, 0.0), b_tm)
+        b_tm = tl.where(m_row[:, None], b_new, b_tm)
+    # Then block row r below the diagonal: Tm[r, :r] = -Tm[r, r] L[r, :r] Tm[:r, :r] (block rows < r are final,
+    # and block row r of Tm still holds only its diagonal block).
+    for r in range(1, BT // 16):
+        m_r = (o_blk == r)[:, None] & (o_blk < r)[None, :]
+        b_x = _dot(tl.where(m_r, b_L, 0.0), b_tm)
+        b_tm = tl.where(m_r, -_dot(b_tm, b_x), b_tm)
 
     tl.store(tm + i_row[:, None] * BT + o_i[None, :], b_tm, mask=m_t[:, None])
     tl.store(wk + i_row[:, None] * K + o_k[None, :], _dot(b_tm, b_rk), mask=m_tk)
@@ -589,6 +599,8 @@ def _grad_of(x: torch.Tensor | None, dx: torch.Tensor | None) -> torch.Tensor | 
 
 
 class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
+    """Token-by-token forward; the backward replays the tokens in reverse from the stored pre-token states."""
+
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state):
         q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
@@ -611,6 +623,8 @@ class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
+    """Chunked forward; the backward reuses Tm, W_k, W_v, U and the chunk-start states of the forward pass."""
+
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state):
         q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
