@@ -61,3 +61,56 @@ def decay_terms(g: torch.Tensor | None, chunk_size: int, device, dtype):
     mask = (b[..., :, None] - b[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
     last = b[..., -1:]
     return mask, b.exp(), (last - b).exp(), last[..., 0].exp()
+
+
+def blocks(T: int, chunk_size: int, chunks_per_block: int):
+    """``(first_chunk, num_chunks, first_token)`` for consecutive blocks of chunks covering T tokens.
+
+    The chunk paths work one block at a time so that every intermediate stays small (cache resident, reused by
+    the allocator); full-size ``[N, G, C, C]`` temporaries cost more in page faults than in arithmetic on CPU.
+    """
+    N = -(-T // chunk_size)
+    for n0 in range(0, N, chunks_per_block):
+        nb = min(chunks_per_block, N - n0)
+        yield n0, nb, n0 * chunk_size
+
+
+def gather_block(x: torch.Tensor | None, t0: int, nb: int, chunk_size: int, dtype: torch.dtype):
+    """Tokens ``[t0, t0 + nb * C)`` of ``x [B, T, H, *]`` as a chunk-major ``[nb, B * H, C, *]`` block in ``dtype``
+    (zero padded past T), written in one strided copy."""
+    if x is None:
+        return None
+    B, T, H = x.shape[:3]
+    feat = tuple(x.shape[3:])
+    C = chunk_size
+    out = torch.empty((nb, B, H, C) + feat, dtype=dtype, device=x.device)
+    full = min(nb, (T - t0) // C)
+    perm = (1, 0, 3, 2) + tuple(range(4, 4 + len(feat)))
+    if full:
+        out[:full].copy_(x[:, t0 : t0 + full * C].reshape((B, full, C, H) + feat).permute(perm))
+    if full < nb:
+        rem = T - (t0 + full * C)
+        out[full:].zero_()
+        out[full, :, :, :rem].copy_(x[:, t0 + full * C :].transpose(1, 2))
+    return out.view((nb, B * H, C) + feat)
+
+
+def scatter_block(out: torch.Tensor, y: torch.Tensor, t0: int) -> None:
+    """Write a chunk-major block ``y [nb, B * H, C, *]`` back into ``out [B, T, H, *]`` at token ``t0``
+    (dropping the padding past T, casting to ``out``'s dtype)."""
+    B, T, H = out.shape[:3]
+    feat = tuple(out.shape[3:])
+    nb, _, C = y.shape[:3]
+    y = y.view((nb, B, H, C) + feat)
+    perm = (1, 0, 3, 2) + tuple(range(4, 4 + len(feat)))
+    full = min(nb, (T - t0) // C)
+    if full:
+        out[:, t0 : t0 + full * C].view((B, full, C, H) + feat).copy_(y[:full].permute(perm))
+    if full < nb:
+        rem = T - (t0 + full * C)
+        out[:, t0 + full * C :].copy_(y[full, :, :, :rem].transpose(1, 2))
+
+
+def chunks_per_block(G: int, target: int = 64) -> int:
+    """How many chunks one block holds so that it batches about ``target`` [C, C] matrices."""
+    return max(1, target // max(G, 1))

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import decay_terms, from_chunks, to_chunks
-from hf_fwp.ops.scan import matrix_scan_backward, matrix_scan_forward
+from hf_fwp.ops.chunking import blocks, chunks_per_block, decay_terms, gather_block, scatter_block
 from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
 
 
@@ -89,89 +88,163 @@ def chunk_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    qc, kc, vc, bc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, beta, g))  # [N, G, C, *]
     S0 = q.new_zeros(B * H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(B * H, K, V)
-    o, final = _ChunkDelta.apply(qc, kc, vc, bc, gc, S0, scale)
-    return from_chunks(o, B, T, v.dtype), (final.reshape(B, H, K, V) if output_final_state else None)
+    o, final = _ChunkDelta.apply(q, k, v, beta, g, S0, scale, chunk_size)
+    return o, (final.reshape(B, H, K, V) if output_final_state else None)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched matmul over leading ``[N, G]`` dims through one 3-D bmm (views, no copies for contiguous input)."""
-    N, G = a.shape[:2]
-    return torch.bmm(a.reshape(N * G, *a.shape[2:]), b.reshape(N * G, *b.shape[2:])).view(N, G, a.shape[2], b.shape[3])
+    """Batched matmul over leading ``[n, G]`` dims through one 3-D bmm (views, no copies for contiguous input)."""
+    n, G = a.shape[:2]
+    return torch.bmm(a.reshape(n * G, *a.shape[2:]), b.reshape(n * G, *b.shape[2:])).view(n, G, a.shape[2], b.shape[3])
+
+
+# Below this cumulative log-decay inside a chunk, exp(+-b) no longer fits float32 comfortably and the decay mask is
+# built in log space instead of as an outer product (about 1e13 of headroom at -30).
+_FACTOR_LIMIT = -30.0
+
+
+def _block_forward(q, k, v, beta, g, scale, for_backward=False):
+    """Every per-chunk quantity of one block (``[nb, G, C, *]`` inputs in the state dtype); see chunk_delta_rule.
+
+    The decay mask ``M[t, i] = exp(b_t - b_i)`` enters only through ``A`` and ``L``. When the block's decay is mild
+    the forward folds it into the operands, ``(Gamma q)(k / Gamma)^T``, which skips every [C, C] exp and mask pass;
+    otherwise (and always for the backward, which needs ``M``) it is built in log space.
+    """
+    nb, G, C, K = q.shape
+    V = v.shape[-1]
+    mask, gamma, tail, chunk = None, None, None, None
+    if g is None:
+        right = k
+        if for_backward:
+            mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
+    else:
+        b = g.cumsum(-1)
+        last = b[..., -1:]
+        gamma, tail, chunk = b.exp(), (last - b).exp(), last[..., 0].exp()
+        if for_backward or last.min().item() < _FACTOR_LIMIT:
+            mask, _, _, _ = decay_terms(g, C, q.device, q.dtype)
+            right = k
+        else:
+            right = k * (-b).exp()[..., None]
+    gk = k if gamma is None else k * gamma[..., None]
+    qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
+    rT = right.transpose(-1, -2)
+    if mask is None:
+        # Only the strict lower triangle of L is read below, so L needs no mask; A keeps the diagonal.
+        L = _bmm(gk * beta[..., None], rT)
+        A = _bmm(qg, rT).tril_()
+    else:
+        L = _bmm(k * beta[..., None], rT).mul_(mask)
+        A = _bmm(q, rT).mul_(mask).mul_(scale)
+    # T = (I + L)^{-1} explicitly: one solve against I, then products (faster on CPU than solving for W directly,
+    # and the backward reuses T instead of a second solve).
+    eye_c = torch.eye(C, dtype=q.dtype, device=q.device)
+    Ti = torch.linalg.solve_triangular(L, eye_c.expand(nb, G, C, C), upper=False, unitriangular=True)
+    W = _bmm(Ti, torch.cat([v, gk], dim=-1).mul_(beta[..., None]))  # [W_v | W_k]
+    AW = _bmm(A, W)  # [A W_v | A W_k] in one product
+    kd = k if tail is None else k * tail[..., None]
+    KW = _bmm(kd.transpose(-1, -2), W)  # [K_d^T W_v | K_d^T W_k]
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]
+    X = qg - AW[..., V:]
+    return dict(mask=mask, gamma=gamma, tail=tail, chunk=chunk, L=L, Ti=Ti, W=W, A=A, AW=AW, kd=kd, gk=gk, KW=KW,
+                P=P, X=X)
 
 
 class _ChunkDelta(torch.autograd.Function):
-    """Chunked delta rule on chunk-major tensors ``q, k [N, G, C, K]``, ``v [N, G, C, V]``, ``beta, g [N, G, C]``
-    (g may be None), ``S0 [G, K, V]`` -> ``(o [N, G, C, V], final state [G, K, V])``."""
+    """Chunked delta rule on ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta, g [B, T, H]`` (g may be None) and
+    ``S0 [B * H, K, V]`` -> ``(o [B, T, H, V] in v's dtype, final state [B * H, K, V])``.
+
+    Works block by block (a few chunks at a time, :func:`hf_fwp.ops.chunking.blocks`); the backward pass recomputes
+    each block's intra-chunk quantities from the inputs and keeps only the chunk-start states from the forward.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, S0, scale):
-        N, G, C, K = q.shape
+    def forward(ctx, q, k, v, beta, g, S0, scale, chunk_size):
+        B, T, H, K = q.shape
         V = v.shape[-1]
-        mask, gamma, tail, chunk = decay_terms(g, C, q.device, q.dtype)
-        kT = k.transpose(-1, -2)
-        kb = k * beta[..., None]
-        # Only the strict lower triangle of L is read (unitriangular solve), so it needs no masking of its own.
-        L = _bmm(kb, kT) * mask
-        R = torch.cat([v, k if gamma is None else k * gamma[..., None]], dim=-1) * beta[..., None]
-        W = torch.linalg.solve_triangular(L, R, upper=False, unitriangular=True)  # [W_v | W_k]
-        A = _bmm(q, kT).mul_(mask).mul_(scale)
-        AW = _bmm(A, W)  # [A W_v | A W_k] in one product
-        kd = k if tail is None else k * tail[..., None]
-        KW = _bmm(kd.transpose(-1, -2), W)  # [K_d^T W_v | K_d^T W_k]
-        eye = torch.eye(K, dtype=q.dtype, device=q.device)
-        P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]
-        states = matrix_scan_forward(P, KW[..., :V], S0)
-        qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
-        X = qg - AW[..., V:]
-        o = torch.baddbmm(AW[..., :V].reshape(N * G, C, V), X.reshape(N * G, C, K),
-                          states[:N].reshape(N * G, K, V)).view(N, G, C, V)
-        ctx.save_for_backward(q, k, v, beta, g, mask, L, W, A, P, states, X)
-        ctx.scale = scale
-        return o, states[N]
+        G, dt, C = B * H, S0.dtype, chunk_size
+        N = -(-T // C)
+        states = torch.empty(N + 1, G, K, V, dtype=dt, device=q.device)
+        states[0] = S0
+        o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+        per = chunks_per_block(G)
+        for n0, nb, t0 in blocks(T, C, per):
+            x = _block_forward(*(gather_block(t, t0, nb, C, dt) for t in (q, k, v, beta, g)), scale)
+            D, P = x["KW"][..., :V], x["P"]
+            for j in range(nb):
+                torch.baddbmm(D[j], P[j], states[n0 + j], out=states[n0 + j + 1])
+            ob = torch.baddbmm(x["AW"][..., :V].reshape(nb * G, C, V), x["X"].reshape(nb * G, C, K),
+                               states[n0 : n0 + nb].reshape(nb * G, K, V))
+            scatter_block(o, ob.view(nb, G, C, V), t0)
+        ctx.save_for_backward(q, k, v, beta, g, states)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, states[N].clone()
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        q, k, v, beta, g, mask, L, W, A, P, states, X = ctx.saved_tensors
-        scale = ctx.scale
-        N, G, C, K = q.shape
+        q, k, v, beta, g, states = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.chunk_size
+        B, T, H, K = q.shape
         V = v.shape[-1]
-        gated = g is not None
-        _, gamma, tail, chunk = decay_terms(g, C, q.device, q.dtype) if gated else (None,) * 4
-        S_n = states[:N]
-        dX = _bmm(d_o, S_n.transpose(-1, -2))  # dO S_n^T: [N, G, C, K]
-        d_states = torch.cat([_bmm(X.transpose(-1, -2), d_o), d_final[None]], dim=0)
-        dP, dD, dS0 = matrix_scan_backward(P, states, d_states)
-        dKW = torch.cat([dD, -dP], dim=-1)  # [N, G, K, V + K]
-        dAW = torch.cat([d_o, -dX], dim=-1)  # [N, G, C, V + K]
-        kd = k if tail is None else k * tail[..., None]
-        d_kd = _bmm(W, dKW.transpose(-1, -2))
-        dW = _bmm(kd, dKW) + _bmm(A.transpose(-1, -2), dAW)
-        dA = _bmm(dAW, W.transpose(-1, -2))
-        # W = (I + L)^{-1} R  =>  dR = (I + L)^{-T} dW,  dL = -dR W^T on the strict lower triangle.
-        dR = torch.linalg.solve_triangular(L.transpose(-1, -2), dW, upper=True, unitriangular=True)
-        dL = _bmm(dR, W.transpose(-1, -2)).neg_().tril_(-1)
-        dAm = dA * mask
-        dLm = dL * mask
-        kb = k * beta[..., None]
-        dkb = _bmm(dLm, k)
-        dq = _bmm(dAm, k).mul_(scale) + (dX * scale if gamma is None else dX * (scale * gamma)[..., None])
-        dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale) + _bmm(dLm.transpose(-1, -2), kb)
-        dRv, dRk = dR[..., :V], dR[..., V:]
-        gk = k if gamma is None else k * gamma[..., None]
-        dv = dRv * beta[..., None]
-        dbeta = (dRv * v).sum(-1) + (dRk * gk).sum(-1) + (dkb * k).sum(-1)
-        dk += dRk * (beta if gamma is None else beta * gamma)[..., None] + dkb * beta[..., None]
-        dk += d_kd if tail is None else d_kd * tail[..., None]
-        dg = None
-        if gated:
-            # Log-space chain rule: every decay factor is exp(a difference of b), so db collects d(factor) * factor.
-            Z = dA * A + dL * L
-            db = Z.sum(-1) - Z.sum(-2)
-            db += (dRk * gk).sum(-1) * beta + (dX * q).sum(-1) * (scale * gamma)
-            e = (d_kd * kd).sum(-1)
-            db -= e
-            db[..., -1] += e.sum(-1) + dP.diagonal(dim1=-2, dim2=-1).sum(-1) * chunk
-            dg = db.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(g)  =>  dg = reverse cumsum of db
-        return dq, dk, dv, dbeta, dg, dS0, None
+        G, dt = B * H, states.dtype
+        grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v, beta, g)]
+        dS = d_final.to(dt).clone()
+        for n0, nb, t0 in reversed(list(blocks(T, C, chunks_per_block(G)))):
+            qb, kb, vb, bb, gb = (gather_block(t, t0, nb, C, dt) for t in (q, k, v, beta, g))
+            dO = gather_block(d_o, t0, nb, C, dt)
+            x = _block_forward(qb, kb, vb, bb, gb, scale, for_backward=True)
+            S_n = states[n0 : n0 + nb]
+            dX = _bmm(dO, S_n.transpose(-1, -2))
+            dS_ext = _bmm(x["X"].transpose(-1, -2), dO)
+            dP = torch.empty(nb, G, K, K, dtype=dt, device=q.device)
+            dD = torch.empty(nb, G, K, V, dtype=dt, device=q.device)
+            P = x["P"]
+            for j in range(nb - 1, -1, -1):
+                dD[j] = dS
+                torch.bmm(dS, S_n[j].transpose(-1, -2), out=dP[j])
+                dS = torch.baddbmm(dS_ext[j], P[j].transpose(-1, -2), dS)
+            block_grads = _block_backward(qb, kb, vb, bb, gb, scale, x, dO, dX, dP, dD)
+            for out, grad in zip(grads, block_grads):
+                if out is not None:
+                    scatter_block(out, grad, t0)
+        return (*grads, dS, None, None)
+
+
+def _block_backward(q, k, v, beta, g, scale, x, dO, dX, dP, dD):
+    """Gradients of one block's inputs given the gradients of its outputs, ``X`` and the scan's ``P``/``D``."""
+    V = v.shape[-1]
+    mask, gamma, tail, chunk, L, W, A, kd, gk = (x[n] for n in ("mask", "gamma", "tail", "chunk", "L", "W", "A",
+                                                                 "kd", "gk"))
+    dKW = torch.cat([dD, -dP], dim=-1)  # [nb, G, K, V + K]
+    dAW = torch.cat([dO, -dX], dim=-1)  # [nb, G, C, V + K]
+    d_kd = _bmm(W, dKW.transpose(-1, -2))
+    dW = _bmm(kd, dKW).add_(_bmm(A.transpose(-1, -2), dAW))
+    dA = _bmm(dAW, W.transpose(-1, -2))
+    # W = (I + L)^{-1} R  =>  dR = (I + L)^{-T} dW,  dL = -dR W^T on the strict lower triangle.
+    dR = _bmm(x["Ti"].transpose(-1, -2), dW)
+    dL = _bmm(dR, W.transpose(-1, -2)).neg_().tril_(-1)
+    dAm = dA * mask
+    dLm = dL * mask
+    kbeta = k * beta[..., None]
+    dkb = _bmm(dLm, k)
+    dq = _bmm(dAm, k).mul_(scale).add_(dX * scale if gamma is None else dX * (scale * gamma)[..., None])
+    dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale).add_(_bmm(dLm.transpose(-1, -2), kbeta))
+    dRv, dRk = dR[..., :V], dR[..., V:]
+    dv = dRv * beta[..., None]
+    dRk_gk = (dRk * gk).sum(-1)
+    dbeta = (dRv * v).sum(-1) + dRk_gk + (dkb * k).sum(-1)
+    dk += dRk * (beta if gamma is None else beta * gamma)[..., None] + dkb * beta[..., None]
+    dk += d_kd if tail is None else d_kd * tail[..., None]
+    dg = None
+    if g is not None:
+        # Log-space chain rule: every decay factor is exp(a difference of b), so db collects d(factor) * factor.
+        Z = dA * A + dL * L
+        db = Z.sum(-1) - Z.sum(-2)
+        db += dRk_gk * beta + (dX * q).sum(-1) * (scale * gamma)
+        e = (d_kd * kd).sum(-1)
+        db -= e
+        db[..., -1] += e.sum(-1) + dP.diagonal(dim1=-2, dim2=-1).sum(-1) * chunk
+        dg = db.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(g)  =>  dg = reverse cumsum of db
+    return dq, dk, dv, dbeta, dg

@@ -1,0 +1,73 @@
+"""Feature maps phi applied to queries and keys of an FWP layer, per head.
+
+Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D)]``. Learned maps are built from
+``nn.Linear`` (one per head, under stable names ``layers.<h>``) so that PEFT can target them.
+
+| name           | phi(x)                                   | out dim | notes |
+|----------------|------------------------------------------|---------|-------|
+| identity       | x                                        | D       | Gated DeltaNet style (pair with L2 norm) |
+| elu_plus_one   | elu(x) + 1                               | D       | Katharopoulos et al. linear transformer |
+| relu           | relu(x)                                  | D       | |
+| silu           | silu(x)                                  | D       | |
+| dpfp           | DPFP with nu=1: relu([x, -x]) products   | 2D      | Schlag et al. deterministic projection |
+| hedgehog       | softmax([xW, -xW]) over the features     | 2D      | learned; W starts at identity |
+| t2r            | relu(xW + b)                             | D       | learned; W starts at identity, b at 0 |
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FEATURE_MAPS = ("identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r")
+LEARNED_FEATURE_MAPS = ("hedgehog", "t2r")
+
+
+def feature_dim(name: str, head_dim: int) -> int:
+    """Output size of the feature map ``name`` for inputs of size ``head_dim``."""
+    return 2 * head_dim if name in ("dpfp", "hedgehog") else head_dim
+
+
+class FeatureMap(nn.Module):
+    """phi for one of :data:`FEATURE_MAPS`; learned maps hold one ``nn.Linear(D, D)`` per head."""
+
+    def __init__(self, name: str, num_heads: int, head_dim: int):
+        super().__init__()
+        if name not in FEATURE_MAPS:
+            raise ValueError(f"Unknown feature map {name!r}; choose one of {FEATURE_MAPS}.")
+        self.name = name
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        if name in LEARNED_FEATURE_MAPS:
+            self.layers = nn.ModuleList(nn.Linear(head_dim, head_dim, bias=name == "t2r") for _ in range(num_heads))
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Learned maps start at W = I (b = 0): T2R then equals relu, Hedgehog softmax([x, -x])."""
+        for layer in getattr(self, "layers", []):
+            layer.weight.copy_(torch.eye(self.head_dim))
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "identity":
+            return x
+        if self.name == "elu_plus_one":
+            return F.elu(x) + 1.0
+        if self.name == "relu":
+            return F.relu(x)
+        if self.name == "silu":
+            return F.silu(x)
+        if self.name == "dpfp":
+            r = F.relu(torch.cat([x, -x], dim=-1))
+            # nu = 1: elementwise products of the features with their neighbours (rolled by one).
+            return r * r.roll(shifts=1, dims=-1)
+        y = torch.stack([layer(x[:, :, h]) for h, layer in enumerate(self.layers)], dim=2)
+        if self.name == "t2r":
+            return F.relu(y)
+        return torch.softmax(torch.cat([y, -y], dim=-1).float(), dim=-1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}"
