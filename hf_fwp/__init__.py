@@ -1,11 +1,27 @@
 """hf-fwp: Fast Weight Programmers for Hugging Face Transformers.
 
-The public API is small: the ops (:func:`linear_attention`, :func:`delta_rule`) and, with later modules, the
-model classes and conversion entry points.
+``import hf_fwp`` registers ``model_type = "fwp"`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForCausalLM``, and exports the ops and the model classes.
 """
 
 __version__ = "0.1.0"
 
 from hf_fwp.ops import delta_rule, linear_attention  # noqa: E402
+from hf_fwp.modeling import FWPCache, FWPConfig, FWPForCausalLM, FWPModel  # noqa: E402
 
-__all__ = ["__version__", "linear_attention", "delta_rule"]
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    AutoConfig.register("fwp", FWPConfig, exist_ok=True)
+    AutoModel.register(FWPConfig, FWPModel, exist_ok=True)
+    AutoModelForCausalLM.register(FWPConfig, FWPForCausalLM, exist_ok=True)
+    # save_pretrained then writes `auto_map` and copies the modeling code, for trust_remote_code loading.
+    FWPConfig.register_for_auto_class()
+    FWPModel.register_for_auto_class("AutoModel")
+    FWPForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+_register()
+
+__all__ = ["__version__", "linear_attention", "delta_rule", "FWPConfig", "FWPModel", "FWPForCausalLM", "FWPCache"]

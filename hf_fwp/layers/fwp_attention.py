@@ -1,0 +1,162 @@
+"""The FWP layer: projections, short conv, feature maps, beta / decay gates, the FWP op, output norm and gate.
+
+One class for every rule (``config.fwp_rule``); with ``hybrid=True`` the same q/k/v also feed a sliding-window
+softmax branch and the two outputs are mixed per head (LoLCATs-style hybrid, one layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_fwp.layers.conv import ShortConvolution
+from hf_fwp.layers.feature_maps import FeatureMap, feature_dim
+from hf_fwp.layers.norms import GatedRMSNorm
+from hf_fwp.layers.softmax_attention import QKVProjections, SoftmaxBranch
+from hf_fwp.ops import delta_rule, linear_attention
+
+
+def read_fwp_state(cache, layer_idx: int):
+    """``(recurrent state, conv state)`` of an FWP layer from a transformers linear-attention cache layer (None when
+    the layer has not written yet). Reads the layer directly: ``Cache.get_recurrent_state`` only reports states
+    once a conv state was written through ``update_conv_state``."""
+    if cache is None:
+        return None, None
+    layer = cache.layers[layer_idx]
+    S = layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
+    conv = layer.conv_states[0] if layer.is_conv_states_initialized[0] else None
+    return S, conv
+
+
+def write_fwp_state(cache, layer_idx: int, S: torch.Tensor, conv: torch.Tensor | None) -> None:
+    """Store the new states in place (static addresses, as transformers' linear-attention layers expect)."""
+    layer = cache.layers[layer_idx]
+    if conv is not None:
+        if not layer.is_conv_states_initialized[0]:
+            layer.lazy_initialization(conv_states=conv)
+        layer.conv_states[0].copy_(conv.detach())
+    if not layer.is_recurrent_states_initialized[0]:
+        layer.lazy_initialization(recurrent_states=S)
+    layer.recurrent_states[0].copy_(S.detach())
+
+
+class FWPAttention(QKVProjections):
+    """An FWP (fast weight programmer) attention layer, ``[B, T, hidden] -> [B, T, hidden]``.
+
+    Module names are stable (LoRA / converter targets): ``q_proj k_proj v_proj o_proj`` (Llama layout),
+    ``conv`` (short conv over [q | k | v]), ``feature_map_q`` / ``feature_map_k``, ``b_proj`` (beta),
+    ``a_proj`` + ``A_log`` + ``dt_bias`` (decay gate), ``o_norm``, ``g_proj`` (output gate),
+    ``mix_logit`` and ``softmax`` (hybrid layers).
+    """
+
+    def __init__(self, config, layer_idx: int, hybrid: bool = False):
+        super().__init__(config)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.rule = config.fwp_rule
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        self.feat_dim = feature_dim(config.feature_map, D)
+        if config.use_short_conv:
+            self.conv = ShortConvolution((H + 2 * Hkv) * D, config.conv_size, config.conv_activation)
+        self.feature_map_q = FeatureMap(config.feature_map, H, D)
+        self.feature_map_k = self.feature_map_q if config.share_feature_map else FeatureMap(config.feature_map, H, D)
+        if config.fwp_delta:
+            self.b_proj = nn.Linear(config.hidden_size, H, bias=True)
+        if config.fwp_gated:
+            self.a_proj = nn.Linear(config.hidden_size, H, bias=False)
+            self.A_log = nn.Parameter(torch.zeros(H))
+            self.dt_bias = nn.Parameter(torch.zeros(H))
+        if config.use_output_norm:
+            self.o_norm = GatedRMSNorm(D, config.rms_norm_eps)
+        if config.use_output_gate:
+            self.g_proj = nn.Linear(config.hidden_size, H * D, bias=False)
+        if hybrid:
+            self.softmax = SoftmaxBranch(config, layer_idx, config.sliding_window)
+            self.mix_logit = nn.Parameter(torch.zeros(H))
+        self.reset_fwp_parameters()
+
+    @torch.no_grad()
+    def reset_fwp_parameters(self) -> None:
+        """Initialise what a pretrained softmax layer does not have (documented defaults):
+
+        * beta: ``b_proj`` weight 0 and bias 0, so beta starts at 0.5 (1.0 with negative eigenvalues allowed);
+        * decay: Mamba2's ``A ~ U(1, 16)`` and ``dt ~ logU(1e-3, 1e-1)`` through ``dt_bias``, ``a_proj`` weight 0,
+          i.e. per-head decays between about exp(-1.6) and exp(-1e-3) per token;
+        * learned feature maps: identity (see ``FeatureMap.reset_parameters``);
+        * hybrid mixing: lambda = ``config.hybrid_mix_init`` for every head (small: start close to the softmax window).
+        """
+        H = self.num_heads
+        if hasattr(self, "b_proj"):
+            self.b_proj.weight.zero_()
+            self.b_proj.bias.zero_()
+        if hasattr(self, "a_proj"):
+            self.a_proj.weight.zero_()
+            self.A_log.copy_(torch.empty(H).uniform_(1.0, 16.0).log())
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        if hasattr(self, "mix_logit"):
+            p = self.config.hybrid_mix_init
+            self.mix_logit.fill_(math.log(p / (1 - p)))
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+
+    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None):
+        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None.
+
+        Padding tokens never touch the state: their q/k/v are zeroed before the conv and their k, v, beta and
+        log-decay after it, so a padded row computes exactly what the row computes alone.
+        """
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        mask = None if attention_mask is None else attention_mask[:, -T:].to(x.dtype)
+        q, k, v = self.project(x)
+        S0, conv0 = read_fwp_state(cache, self.layer_idx)
+        conv_state = None
+        if hasattr(self, "conv"):
+            qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+            if mask is not None:
+                qkv = qkv * mask[..., None]
+            qkv, conv_state = self.conv(qkv, conv0)
+            qf, kf, vf = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
+        else:
+            fq, fk, fv = q, k, v
+        if Hkv != H:
+            fk, fv = fk.repeat_interleave(H // Hkv, dim=2), fv.repeat_interleave(H // Hkv, dim=2)
+        fq, fk = self.feature_map_q(fq), self.feature_map_k(fk)
+        if self.config.qk_l2norm:
+            fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
+        beta = g = None
+        if hasattr(self, "b_proj"):
+            beta = torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.config.allow_neg_eigval else 1.0)
+        if hasattr(self, "a_proj"):
+            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if self.config.normalize_attention:
+            fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)
+        if mask is not None:
+            fk, fv = fk * mask[..., None, None], fv * mask[..., None, None]
+            beta = None if beta is None else beta * mask[..., None]
+            g = None if g is None else g * mask[..., None]
+        scale = self.config.fwp_scale if self.config.fwp_scale is not None else self.feat_dim**-0.5
+        kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
+                      backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
+        if beta is None:
+            o, S = linear_attention(fq, fk, fv, **kwargs)
+        else:
+            o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
+        if self.config.normalize_attention:
+            o = o[..., :D] / o[..., D:].clamp_min(1e-6)
+        if hasattr(self, "o_norm"):
+            gate = self.g_proj(x).view(B, T, H, D) if hasattr(self, "g_proj") else None
+            o = self.o_norm(o, gate)
+        if cache is not None:
+            write_fwp_state(cache, self.layer_idx, S, conv_state)
+        if hasattr(self, "softmax"):
+            o_soft = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
+                                  key_mask=attention_mask)
+            lam = torch.sigmoid(self.mix_logit).to(o.dtype)[:, None]
+            o = (1 - lam) * o_soft + lam * o
+        return self.o_proj(o.reshape(B, T, H * D))

@@ -1,0 +1,104 @@
+"""Softmax attention layers (full or sliding window) with the transformers 5.x KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_fwp.layers.norms import RMSNorm
+from hf_fwp.layers.rotary import apply_rotary
+
+
+def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch.Tensor | None, dropout: float = 0.0):
+    """Causal softmax attention over cached keys.
+
+    q ``[B, Hq, T, D]``; k, v ``[B, Hkv, L, D]`` hold the last L tokens of ``past + T`` (a sliding cache may
+    hold fewer than all); ``key_mask`` ``[B, L]`` marks real (1) vs padding (0) keys; ``window`` w lets query t see
+    keys in ``(t - w, t]``. Returns ``[B, T, Hq, D]``.
+    """
+    B, Hq, T, D = q.shape
+    L = k.shape[2]
+    if Hq != k.shape[1]:
+        k = k.repeat_interleave(Hq // k.shape[1], dim=1)
+        v = v.repeat_interleave(Hq // v.shape[1], dim=1)
+    if key_mask is None and window is None and L == T:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return o.transpose(1, 2)
+    total = past + T
+    q_pos = torch.arange(past, total, device=q.device)[:, None]
+    k_pos = torch.arange(total - L, total, device=q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None].expand(B, T, L)
+    if key_mask is not None:
+        # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
+        allowed = (allowed & key_mask[:, None, :].bool()) | (k_pos == q_pos)[None]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout)
+    return o.transpose(1, 2)
+
+
+class QKVProjections(nn.Module):
+    """q/k/v/o projections with Llama names (what converters and LoRA target) and optional q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config):
+        super().__init__()
+        H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_output_bias)
+
+    def project(self, x: torch.Tensor):
+        """``x [B, T, hidden]`` -> q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]``."""
+        B, T, _ = x.shape
+        return (self.q_proj(x).view(B, T, self.num_heads, self.head_dim),
+                self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim),
+                self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+
+
+class SoftmaxBranch(nn.Module):
+    """The softmax part of a layer: q/k norm, RoPE, the KV cache and attention (shared by softmax and hybrid)."""
+
+    def __init__(self, config, layer_idx: int, window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.dropout = config.attention_dropout
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(self, q, k, v, *, position_embeddings, cache, past: int, key_mask):
+        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` -> ``[B, T, H, D]``."""
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.shape[2]:]
+        return softmax_attention(q, k, v, past=past, window=self.window, key_mask=key_mask,
+                                 dropout=self.dropout if self.training else 0.0)
+
+
+class SoftmaxAttention(QKVProjections):
+    """Full (``window=None``) or sliding-window softmax attention layer."""
+
+    def __init__(self, config, layer_idx: int, window: int | None = None):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        self.softmax = SoftmaxBranch(config, layer_idx, window)
+
+    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None):
+        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        o = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
+                         key_mask=attention_mask)
+        return self.o_proj(o.reshape(B, T, -1))

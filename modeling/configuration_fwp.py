@@ -1,0 +1,200 @@
+"""FWPConfig: one config for every FWP rule, layer layout and backbone (the single source of truth).
+
+The FWP layer fields pick the rule and its parts; ``layer_types`` picks, per layer, an FWP layer
+(``"linear_attention"``), full softmax attention (``"full_attention"``), sliding-window softmax attention
+(``"sliding_attention"``) or a LoLCATs-style hybrid of sliding-window softmax and the FWP in one layer
+(``"hybrid_sliding"``). These are transformers' own layer-type names, so ``DynamicCache(config=...)`` builds the
+right cache layer for each. The backbone fields cover what converted models need (Llama, Mistral, Qwen2/3, GPT-2).
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+FWP_RULES = ("linear", "gated_linear", "delta", "gated_delta")
+FEATURE_MAPS = ("identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r")
+LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention", "hybrid_sliding")
+
+
+@strict
+class FWPConfig(PreTrainedConfig):
+    r"""Configuration of an FWP causal LM (``model_type = "fwp"``).
+
+    Standard fields follow Llama's names and meaning. FWP fields:
+
+    fwp_rule: ``"linear"``, ``"gated_linear"``, ``"delta"`` or ``"gated_delta"`` (see DESIGN.md's table).
+    feature_map: q/k feature map phi (``hf_fwp.layers.feature_maps``); ``share_feature_map`` uses one for both.
+    qk_l2norm: L2-normalise q and k after phi (required by the delta rules unless ``allow_unnormalized_delta``).
+    allow_neg_eigval: beta in (0, 2) instead of (0, 1) (delta rules).
+    Decay gate (gated rules, Mamba2 parameterisation): ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)``, per head.
+    use_short_conv / conv_size / conv_activation: causal depthwise conv on q, k, v before phi.
+    use_output_norm / use_output_gate: per-head RMSNorm of the FWP output, optionally times ``silu(g_proj(x))``.
+    normalize_attention: classic linear attention with the denominator ``phi(q)^T sum phi(k)`` (linear rules only).
+    fwp_scale: query scale of the FWP read-out (default ``feature_dim ** -0.5``).
+    hybrid_mix_init: initial per-head weight lambda of the FWP branch in hybrid layers,
+        ``o = (1 - lambda) * softmax_window + lambda * fwp`` (lambda = sigmoid of a learned logit).
+    fwp_backend / chunk_size: op backend (``"auto"``: Triton on CUDA, chunked torch elsewhere) and chunk length.
+
+    Backbone: ``norm_type`` (``"rms"``/``"layer"``), ``mlp_type`` (``"gated"`` SwiGLU-style / ``"plain"``),
+    ``position_embedding_type`` (``"rope"``, ``"learned"`` absolute like GPT-2, or ``"none"``), ``qk_norm``
+    (RMSNorm on q/k heads in softmax layers, Qwen3), ``attention_bias`` (q/k/v), ``attention_output_bias``,
+    ``mlp_bias``, ``rope_parameters`` (theta and scaling, transformers' format).
+    """
+
+    model_type = "fwp"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    norm_type: str = "rms"
+    mlp_type: str = "gated"
+    position_embedding_type: str = "rope"
+    qk_norm: bool = False
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    fwp_rule: str = "gated_delta"
+    feature_map: str = "identity"
+    share_feature_map: bool = False
+    qk_l2norm: bool = True
+    allow_unnormalized_delta: bool = False
+    allow_neg_eigval: bool = False
+    use_short_conv: bool = True
+    conv_size: int = 4
+    conv_activation: str | None = "silu"
+    use_output_norm: bool = True
+    use_output_gate: bool = True
+    normalize_attention: bool = False
+    fwp_scale: float | None = None
+    hybrid_mix_init: float = 0.1
+    fwp_backend: str = "auto"
+    chunk_size: int = 64
+
+    def __post_init__(self, **kwargs):
+        self._head_dim_given = self.head_dim is not None
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = ["linear_attention"] * self.num_hidden_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        # Our checks run here (not as a strict `validate_*` hook) so that users get a plain ValueError.
+        self.check_fwp_fields()
+        super().__post_init__(**kwargs)
+
+    # Validation -------------------------------------------------------------------------------------------------
+    def check_fwp_fields(self):
+        """Raise ``ValueError`` for impossible combinations (run at construction; call again after editing)."""
+        _choice("fwp_rule", self.fwp_rule, FWP_RULES)
+        _choice("feature_map", self.feature_map, FEATURE_MAPS)
+        _choice("norm_type", self.norm_type, ("rms", "layer"))
+        _choice("mlp_type", self.mlp_type, ("gated", "plain"))
+        _choice("position_embedding_type", self.position_embedding_type, ("rope", "learned", "none"))
+        _choice("fwp_backend", self.fwp_backend, ("auto", "naive", "chunk", "triton"))
+        _choice("conv_activation", self.conv_activation, (None, "silu"))
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "vocab_size", "intermediate_size", "chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"FWPConfig: `{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if not getattr(self, "_head_dim_given", True) and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"FWPConfig: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); change one of them or set `head_dim` explicitly."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"FWPConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"FWPConfig: `layer_types` has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give one entry per layer."
+            )
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ValueError(f"FWPConfig: unknown layer_types {bad}; each entry must be one of {LAYER_TYPES}.")
+        windowed = [i for i, t in enumerate(self.layer_types) if t in ("sliding_attention", "hybrid_sliding")]
+        if windowed and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(
+                f"FWPConfig: layers {windowed} use a sliding window, so `sliding_window` must be a positive int "
+                f"(got {self.sliding_window!r})."
+            )
+        if self.fwp_rule in ("delta", "gated_delta") and not self.qk_l2norm and not self.allow_unnormalized_delta:
+            raise ValueError(
+                f"FWPConfig: the {self.fwp_rule!r} rule needs unit-norm keys to stay stable; set qk_l2norm=True, or "
+                "allow_unnormalized_delta=True if your feature map keeps ||k|| <= 1 by construction."
+            )
+        if self.normalize_attention and self.fwp_rule not in ("linear", "gated_linear"):
+            raise ValueError(
+                f"FWPConfig: normalize_attention (the linear-attention denominator) only applies to the 'linear' and "
+                f"'gated_linear' rules, not {self.fwp_rule!r}."
+            )
+        if self.normalize_attention and self.feature_map in ("identity", "silu") and not self.qk_l2norm:
+            raise ValueError(
+                f"FWPConfig: normalize_attention needs non-negative features; feature_map={self.feature_map!r} can "
+                "be negative. Use elu_plus_one, relu, dpfp, hedgehog or t2r."
+            )
+        if self.use_short_conv and (not isinstance(self.conv_size, int) or self.conv_size < 2):
+            raise ValueError(f"FWPConfig: conv_size must be an int >= 2 with use_short_conv, got {self.conv_size!r}.")
+        if not 0.0 < self.hybrid_mix_init < 1.0:
+            raise ValueError(f"FWPConfig: hybrid_mix_init must be in (0, 1), got {self.hybrid_mix_init}.")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise ValueError(f"FWPConfig: RoPE needs an even head_dim, got {self.head_dim}.")
+
+    # Properties and constructors ----------------------------------------------------------------------------------
+    @property
+    def fwp_gated(self) -> bool:
+        return self.fwp_rule in ("gated_linear", "gated_delta")
+
+    @property
+    def fwp_delta(self) -> bool:
+        return self.fwp_rule in ("delta", "gated_delta")
+
+    @classmethod
+    def gated_deltanet(cls, **kwargs) -> "FWPConfig":
+        """Gated DeltaNet (Yang et al. 2024): gated delta rule, short conv, L2-normalised q/k, gated RMSNorm out."""
+        return cls(**{**dict(fwp_rule="gated_delta", feature_map="identity", qk_l2norm=True, use_short_conv=True,
+                             use_output_norm=True, use_output_gate=True), **kwargs})
+
+    @classmethod
+    def deltanet(cls, **kwargs) -> "FWPConfig":
+        """DeltaNet (Schlag et al. 2021; Yang et al. 2024): delta rule with SiLU features, L2 norm, short conv."""
+        return cls(**{**dict(fwp_rule="delta", feature_map="silu", qk_l2norm=True, use_short_conv=True,
+                             use_output_norm=True, use_output_gate=False), **kwargs})
+
+    @classmethod
+    def linear_transformer(cls, **kwargs) -> "FWPConfig":
+        """The linear transformer (Katharopoulos et al. 2020): elu+1 features with the normalising denominator."""
+        return cls(**{**dict(fwp_rule="linear", feature_map="elu_plus_one", qk_l2norm=False, use_short_conv=False,
+                             normalize_attention=True, use_output_norm=False, use_output_gate=False), **kwargs})
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"FWPConfig: unknown {name} {value!r}; choose one of {allowed}.")
+
+
+__all__ = ["FWPConfig", "FWP_RULES", "FEATURE_MAPS", "LAYER_TYPES"]

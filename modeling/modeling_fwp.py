@@ -1,0 +1,249 @@
+"""FWP models for transformers: FWPModel and FWPForCausalLM, one class for every rule and layer layout.
+
+Layers come from ``config.layer_types``: ``"linear_attention"`` (FWP), ``"full_attention"`` /
+``"sliding_attention"`` (softmax) and ``"hybrid_sliding"`` (sliding softmax + FWP in one layer). The cache is
+:class:`FWPCache`, a ``DynamicCache`` (so transformers builds a ``LinearAttentionLayer`` holding the fast-weight
+state for FWP layers and KV layers for softmax ones) that also counts the tokens it has seen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+
+from hf_fwp.layers.conv import ShortConvolution
+from hf_fwp.layers.feature_maps import FeatureMap
+from hf_fwp.layers.fwp_attention import FWPAttention
+from hf_fwp.layers.norms import build_norm
+from hf_fwp.layers.rotary import RotaryEmbedding
+from hf_fwp.layers.softmax_attention import SoftmaxAttention
+
+from .configuration_fwp import FWPConfig
+
+
+class FWPCache(DynamicCache):
+    """``DynamicCache(config=...)`` plus a count of the tokens seen, which transformers' own cache cannot report
+    for a model whose layers are all recurrent. FWP layers keep a fixed-size state (and softmax window layers a
+    fixed-size window), so memory does not grow with generated tokens except in full-attention layers."""
+
+    def __init__(self, config: FWPConfig, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reset(self):
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, max_length: int):
+        raise ValueError("FWPCache holds recurrent states that cannot be cropped; recompute from the prompt instead.")
+
+
+def _past_length(cache) -> int:
+    if cache is None:
+        return 0
+    if isinstance(cache, FWPCache):
+        return cache.seen_tokens
+    try:
+        return cache.get_seq_length()
+    except ValueError:
+        raise ValueError(
+            "This cache cannot tell how many tokens it has seen (all layers are recurrent). Pass an "
+            "hf_fwp.FWPCache(config) or let the model create its cache (use_cache=True)."
+        ) from None
+
+
+class FWPMLP(nn.Module):
+    """``gated``: down(act(gate(x)) * up(x)) (Llama/Qwen); ``plain``: down(act(up(x))) (GPT-2)."""
+
+    def __init__(self, config: FWPConfig):
+        super().__init__()
+        self.gated = config.mlp_type == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act_fn(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class FWPDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; the attention kind comes from layer_types."""
+
+    def __init__(self, config: FWPConfig, layer_idx: int):
+        super().__init__()
+        kind = config.layer_types[layer_idx]
+        self.layer_type = kind
+        if kind == "linear_attention":
+            self.self_attn = FWPAttention(config, layer_idx)
+        elif kind == "hybrid_sliding":
+            self.self_attn = FWPAttention(config, layer_idx, hybrid=True)
+        else:
+            window = config.sliding_window if kind == "sliding_attention" else None
+            self.self_attn = SoftmaxAttention(config, layer_idx, window)
+        self.input_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.mlp = FWPMLP(config)
+
+    def forward(self, hidden_states, position_embeddings=None, cache=None, past=0, attention_mask=None):
+        h = self.self_attn(self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
+                           cache=cache, past=past, attention_mask=attention_mask)
+        hidden_states = hidden_states + h
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FWPPreTrainedModel(PreTrainedModel):
+    config: FWPConfig
+    config_class = FWPConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FWPDecoderLayer"]
+    _supports_sdpa = True
+    # Recurrent states cannot be cropped or rolled back (assisted decoding, cache cropping).
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, FWPAttention):
+            for p in module.parameters(recurse=False):
+                init.zeros_(p)
+            with torch.no_grad():
+                module.reset_fwp_parameters()
+        elif isinstance(module, FeatureMap):
+            module.reset_parameters()
+        elif isinstance(module, ShortConvolution):
+            # PyTorch's own conv init: the generic normal(0.02) would all but silence a depthwise conv.
+            nn.Conv1d.reset_parameters(module)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a plain DynamicCache: the model creates an FWPCache on the first step.
+        return False
+
+
+class FWPModel(FWPPreTrainedModel):
+    """The decoder stack: embeddings (+ learned positions), layers, final norm."""
+
+    def __init__(self, config: FWPConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(FWPDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        needs_rope = config.position_embedding_type == "rope" and any(t != "linear_attention" for t in config.layer_types)
+        self.rotary_emb = RotaryEmbedding(config) if needs_rope else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """``attention_mask`` is 2-D, 1 for tokens and 0 for padding, covering either the new tokens ``[B, T]`` or
+        the cached ones too ``[B, past + T]`` (what ``generate`` passes)."""
+        if "past_key_values" in kwargs and cache is None:
+            cache = kwargs.pop("past_key_values")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("FWPModel: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = FWPCache(self.config)
+        past = _past_length(cache)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"FWPModel: attention_mask must be 2-D [batch, length]; got {tuple(attention_mask.shape)}.")
+            if attention_mask.shape[1] == T and past:
+                attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
+            elif attention_mask.shape[1] != past + T:
+                raise ValueError(
+                    f"FWPModel: attention_mask has length {attention_mask.shape[1]}, expected {T} (new tokens) or "
+                    f"{past + T} (cached + new tokens)."
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: take the fast unmasked paths
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: positions count real tokens only, so a padded row matches the row alone.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+        hidden_states = inputs_embeds
+        if hasattr(self, "embed_positions"):
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"FWPModel: position {int(position_ids.max())} is beyond max_position_embeddings "
+                    f"({self.config.max_position_embeddings}) of the learned position table."
+                )
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, cache=cache, past=past,
+                                  attention_mask=attention_mask)
+        if isinstance(cache, FWPCache):
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+
+class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
+    """FWP language model with a (optionally tied) LM head; ``labels`` give the shifted next-token loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FWPConfig):
+        super().__init__(config)
+        self.model = FWPModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             past_key_values=kwargs.pop("past_key_values", None))
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                # Padding positions carry no target, whatever the labels say there.
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+__all__ = ["FWPCache", "FWPModel", "FWPForCausalLM", "FWPPreTrainedModel"]
