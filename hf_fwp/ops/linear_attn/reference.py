@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import decay_terms, from_chunks, to_chunks
-from hf_fwp.ops.scan import scalar_scan
+from hf_fwp.ops.chunking import blocks, chunks_per_block, decay_terms, gather_block, scatter_block
 from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
 
 
@@ -74,19 +73,125 @@ def chunk_linear_attention(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    qc, kc, vc, gc = (to_chunks(x, chunk_size, dt) for x in (q, k, v, g))  # [N, G, C, *]
-    N, G, C = qc.shape[:3]
-    mask, gamma, tail, chunk = decay_terms(gc, C, q.device, dt)
-    flat = lambda x: x.reshape(N * G, *x.shape[2:])  # noqa: E731  (views: bmm wants 3-D operands)
-    zero = q.new_zeros((), dtype=dt).expand(1, 1, 1)
-    A = torch.baddbmm(zero, flat(qc), flat(kc).transpose(-1, -2), beta=0.0, alpha=scale)
-    A = A * (mask if gamma is None else flat(mask))
-    kd = kc if tail is None else kc * tail[..., None]
-    D = torch.bmm(flat(kd).transpose(-1, -2), flat(vc)).view(N, G, K, V)  # what each chunk writes
-    S0 = q.new_zeros(G, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(G, K, V)
-    states = scalar_scan(chunk, D, S0)  # [N + 1, G, K, V]
-    qg = scale * qc if gamma is None else qc * (scale * gamma)[..., None]
-    o = torch.baddbmm(torch.bmm(A, flat(vc)), flat(qg), flat(states[:N]))
-    final = states[N].reshape(B, H, K, V) if output_final_state else None
-    return from_chunks(o.view(N, G, C, V), B, T, v.dtype), final
+    S0 = q.new_zeros(B * H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt).reshape(B * H, K, V)
+    o, final = _ChunkLinear.apply(q, k, v, g, S0, scale, chunk_size)
+    return o, (final.reshape(B, H, K, V) if output_final_state else None)
+
+
+# Below this cumulative log-decay inside a chunk the decay is applied through a log-space mask instead of being
+# folded into the operands as exp(+-b) (about 1e13 of float32 headroom at -30).
+_FACTOR_LIMIT = -30.0
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matmul over leading ``[n, G]`` dims through one 3-D bmm."""
+    n, G = a.shape[:2]
+    return torch.bmm(a.reshape(n * G, *a.shape[2:]), b.reshape(n * G, *b.shape[2:])).view(n, G, a.shape[2], b.shape[3])
+
+
+def _block_forward(q, k, g, scale, for_backward=False):
+    """Per-chunk quantities of one block (``[nb, G, C, *]`` in the state dtype): the masked, scaled, decayed
+    ``A = scale Q K^T * M``, ``qg = scale Gamma Q``, ``kd = exp(b_C - b) K`` and the chunk decay ``exp(b_C)``.
+
+    With a mild decay the forward folds ``M`` into the operands, ``(Gamma q)(k / Gamma)^T``; otherwise (and
+    always for the backward, which needs ``M``) the mask is built in log space.
+    """
+    C = q.shape[2]
+    mask = gamma = tail = chunk = None
+    right = k
+    if g is not None:
+        b = g.cumsum(-1)
+        last = b[..., -1:]
+        gamma, tail, chunk = b.exp(), (last - b).exp(), last[..., 0].exp()
+        if for_backward or last.min().item() < _FACTOR_LIMIT:
+            mask = decay_terms(g, C, q.device, q.dtype)[0]
+        else:
+            right = k * (-b).exp()[..., None]
+    elif for_backward:
+        mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
+    qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
+    if mask is None:
+        A = _bmm(qg, right.transpose(-1, -2)).tril_()
+    else:
+        A = _bmm(q, k.transpose(-1, -2)).mul_(mask).mul_(scale)
+    kd = k if tail is None else k * tail[..., None]
+    return dict(mask=mask, gamma=gamma, chunk=chunk, tail=tail, A=A, qg=qg, kd=kd)
+
+
+class _ChunkLinear(torch.autograd.Function):
+    """Chunked (gated) linear attention on ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``g [B, T, H]`` or None and
+    ``S0 [B * H, K, V]`` -> ``(o [B, T, H, V], final state [B * H, K, V])``, block by block; the backward pass
+    recomputes each block from the inputs and keeps only the chunk-start states."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, S0, scale, chunk_size):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        G, dt, C = B * H, S0.dtype, chunk_size
+        N = -(-T // C)
+        states = torch.empty(N + 1, G, K, V, dtype=dt, device=q.device)
+        states[0] = S0
+        o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+        for n0, nb, t0 in blocks(T, C, chunks_per_block(G)):
+            qb, kb, vb, gb = (gather_block(t, t0, nb, C, dt) for t in (q, k, v, g))
+            x = _block_forward(qb, kb, gb, scale)
+            D = _bmm(x["kd"].transpose(-1, -2), vb)
+            for j in range(nb):
+                if x["chunk"] is None:
+                    torch.add(D[j], states[n0 + j], out=states[n0 + j + 1])
+                else:
+                    torch.addcmul(D[j], x["chunk"][j][:, None, None], states[n0 + j], out=states[n0 + j + 1])
+            ob = torch.baddbmm(_bmm(x["A"], vb).view(nb * G, C, V), x["qg"].reshape(nb * G, C, K),
+                               states[n0 : n0 + nb].reshape(nb * G, K, V))
+            scatter_block(o, ob.view(nb, G, C, V), t0)
+        ctx.save_for_backward(q, k, v, g, states)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, states[N].clone()
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, v, g, states = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.chunk_size
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        G, dt = B * H, states.dtype
+        grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v, g)]
+        dS = d_final.to(dt).clone()
+        for n0, nb, t0 in reversed(list(blocks(T, C, chunks_per_block(G)))):
+            qb, kb, vb, gb, dO = (gather_block(t, t0, nb, C, dt) for t in (q, k, v, g, d_o))
+            x = _block_forward(qb, kb, gb, scale, for_backward=True)
+            S_n = states[n0 : n0 + nb]
+            dS_ext = _bmm(x["qg"].transpose(-1, -2), dO)
+            dD = torch.empty(nb, G, K, V, dtype=dt, device=q.device)
+            for j in range(nb - 1, -1, -1):
+                dD[j] = dS
+                dS = dS_ext[j] + (dS if x["chunk"] is None else x["chunk"][j][:, None, None] * dS)
+            block = _block_backward(qb, kb, vb, gb, scale, x, dO, S_n, dD)
+            for out, grad in zip(grads, block):
+                if out is not None:
+                    scatter_block(out, grad, t0)
+        return (*grads, dS, None, None)
+
+
+def _block_backward(q, k, v, g, scale, x, dO, S_n, dD):
+    """Gradients of one block's q, k, v, g given dO, the chunk-start states and the scan's dD = dS_{n+1}."""
+    mask, gamma, chunk, tail, A, qg, kd = (x[n] for n in ("mask", "gamma", "chunk", "tail", "A", "qg", "kd"))
+    d_qg = _bmm(dO, S_n.transpose(-1, -2))
+    d_kd = _bmm(v, dD.transpose(-1, -2))
+    dv = _bmm(A.transpose(-1, -2), dO).add_(_bmm(kd, dD))
+    dA = _bmm(dO, v.transpose(-1, -2))
+    dAm = dA * mask  # d(scale q k^T) (the mask also zeroes the upper triangle)
+    dq = _bmm(dAm, k).mul_(scale).add_(d_qg * scale if gamma is None else d_qg * (scale * gamma)[..., None])
+    dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale).add_(d_kd if tail is None else d_kd * tail[..., None])
+    dg = None
+    if g is not None:
+        # Log-space chain rule, as in the delta rule: dA * A collects the mask's d(factor) * factor.
+        Z = dA * A
+        db = Z.sum(-1) - Z.sum(-2) + (d_qg * qg).sum(-1)
+        e = (d_kd * kd).sum(-1)
+        db -= e
+        d_chunk = (dD * S_n).sum((-1, -2))
+        db[..., -1] += e.sum(-1) + d_chunk * chunk
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+    return dq, dk, dv, dg
 
