@@ -30,7 +30,7 @@ def _env_run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        probe = torch.empty(0, device=device)
+        probe = torch.empty(1, 1024, 1, 1, device=device)  # a long prompt: what a prefill would use
     except (RuntimeError, AssertionError) as e:
         raise CLIError(f"device {device!r} is not usable here: {e}") from None
     rows = [
@@ -40,6 +40,7 @@ def _env_run(args: argparse.Namespace) -> int:
         ("cuda available", str(torch.cuda.is_available())),
         ("triton importable", str(triton_available())),
         (f"auto backend on {device}", resolve_backend("auto", probe, "env")),
+        ("auto backend, decoding", resolve_backend("auto", probe[:, :1], "env")),
     ]
     try:
         import transformers

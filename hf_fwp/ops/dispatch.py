@@ -17,10 +17,18 @@ def triton_available() -> bool:
     return True
 
 
+# Up to this many tokens the CPU path runs the token recurrence: decoding steps and short prompts cost a few small
+# ops that way, against a full padded chunk for the chunk path.
+RECURRENT_MAX_LEN = 16
+
+
 def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
-    """Map ``"auto"`` to ``"triton"`` for CUDA tensors when Triton is importable, else ``"chunk"``."""
+    """Map ``"auto"`` to ``"triton"`` for CUDA tensors when Triton is importable; elsewhere to ``"naive"`` (the
+    token recurrence) for ``T <= RECURRENT_MAX_LEN`` and ``"chunk"`` otherwise. ``x`` is q ``[B, T, H, K]``."""
     if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "chunk"
+        if x.is_cuda and triton_available():
+            return "triton"
+        return "naive" if x.shape[1] <= RECURRENT_MAX_LEN else "chunk"
     if backend == "triton" and not triton_available():
         raise ValueError(f"{op}: backend='triton' needs the `triton` package (Linux); use backend='chunk' instead.")
     return backend

@@ -34,7 +34,7 @@ def linear_attention(
         output_final_state: also return the state after the last token.
         cu_seqlens: optional ``[N + 1]`` int offsets of N sequences packed along T (then B must be 1).
         backend: ``"naive"`` (token loop), ``"chunk"`` (chunkwise torch), ``"triton"`` or ``"auto"``
-            (triton for CUDA tensors, chunk otherwise).
+            (triton for CUDA tensors; on CPU the token loop for T <= 16, i.e. decoding, and chunk otherwise).
         chunk_size: chunk length of the ``"chunk"`` backend.
 
     Returns:
