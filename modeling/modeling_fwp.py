@@ -145,7 +145,6 @@ class FWPModel(FWPPreTrainedModel):
         self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         needs_rope = config.position_embedding_type == "rope" and any(t != "linear_attention" for t in config.layer_types)
         self.rotary_emb = RotaryEmbedding(config) if needs_rope else None
-        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
@@ -168,8 +167,8 @@ class FWPModel(FWPPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
+            use_cache = False  # recomputed layers would write their cache entries twice
         if use_cache and cache is None:
             cache = FWPCache(self.config)
         past = _past_length(cache)

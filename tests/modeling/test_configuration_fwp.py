@@ -1,0 +1,54 @@
+"""FWPConfig validation, constructors and serialisation."""
+
+import pytest
+
+from hf_fwp import FWPConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(fwp_rule="mamba"), "unknown fwp_rule 'mamba'"),
+        (dict(feature_map="cosine"), "unknown feature_map 'cosine'"),
+        (dict(hidden_size=30, num_attention_heads=4), "not divisible by num_attention_heads"),
+        (dict(num_attention_heads=4, num_key_value_heads=3, hidden_size=32), "multiple of num_key_value_heads"),
+        (dict(num_hidden_layers=2, layer_types=["linear_attention"]), "has 1 entries but num_hidden_layers is 2"),
+        (dict(num_hidden_layers=1, layer_types=["mamba"]), "unknown layer_types"),
+        (dict(num_hidden_layers=1, layer_types=["sliding_attention"]), "`sliding_window` must be a positive int"),
+        (dict(fwp_rule="delta", qk_l2norm=False), "needs unit-norm keys"),
+        (dict(fwp_rule="gated_delta", normalize_attention=True), "only applies to the 'linear'"),
+        (dict(fwp_rule="linear", normalize_attention=True, qk_l2norm=False), "needs non-negative features"),
+        (dict(use_short_conv=True, conv_size=1), "conv_size must be an int >= 2"),
+        (dict(hybrid_mix_init=1.5), r"hybrid_mix_init must be in \(0, 1\)"),
+        (dict(norm_type="batch"), "unknown norm_type"),
+        (dict(position_embedding_type="alibi"), "unknown position_embedding_type"),
+        (dict(hidden_size=0), "`hidden_size` must be a positive integer"),
+    ],
+)
+def test_impossible_configs_raise_value_error(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FWPConfig(**kwargs)
+
+
+def test_explicit_escape_hatches_are_accepted():
+    FWPConfig(fwp_rule="delta", qk_l2norm=False, allow_unnormalized_delta=True)
+    FWPConfig(hidden_size=30, num_attention_heads=4, head_dim=8)  # Qwen3-style heads * head_dim != hidden
+
+
+def test_defaults_and_constructors():
+    c = FWPConfig(num_hidden_layers=3)
+    assert c.layer_types == ["linear_attention"] * 3 and c.head_dim == c.hidden_size // c.num_attention_heads
+    assert c.num_key_value_heads == c.num_attention_heads
+    assert FWPConfig.gated_deltanet().fwp_rule == "gated_delta"
+    d = FWPConfig.deltanet(hidden_size=64, num_attention_heads=2)
+    assert d.fwp_rule == "delta" and d.feature_map == "silu" and d.hidden_size == 64
+    lt = FWPConfig.linear_transformer()
+    assert lt.normalize_attention and lt.feature_map == "elu_plus_one"
+
+
+def test_round_trip(tmp_path):
+    c = FWPConfig(num_hidden_layers=2, layer_types=["hybrid_sliding", "full_attention"], sliding_window=16,
+                  feature_map="hedgehog", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    c.save_pretrained(tmp_path)
+    r = FWPConfig.from_pretrained(tmp_path)
+    assert r.to_dict() == c.to_dict()
