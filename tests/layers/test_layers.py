@@ -1,0 +1,74 @@
+"""Layer building blocks: feature maps, short convolution streaming, norms."""
+
+import pytest
+import torch
+
+from hf_fwp.layers.conv import ShortConvolution
+from hf_fwp.layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
+from hf_fwp.layers.norms import GatedRMSNorm, RMSNorm, build_norm
+
+
+@pytest.mark.parametrize("name", FEATURE_MAPS)
+def test_feature_maps_shapes_and_signs(name):
+    fm = FeatureMap(name, num_heads=3, head_dim=8)
+    x = torch.randn(2, 5, 3, 8)
+    y = fm(x)
+    assert y.shape == (2, 5, 3, feature_dim(name, 8))
+    if name in ("elu_plus_one", "relu", "dpfp", "hedgehog", "t2r"):
+        assert (y >= 0).all()
+    if name == "hedgehog":
+        torch.testing.assert_close(y.sum(-1), torch.ones(2, 5, 3))
+
+
+def test_learned_maps_start_at_identity_and_are_per_head():
+    t2r = FeatureMap("t2r", num_heads=2, head_dim=4)
+    x = torch.randn(1, 3, 2, 4)
+    torch.testing.assert_close(t2r(x), torch.relu(x))
+    with torch.no_grad():
+        t2r.layers[1].weight.mul_(2.0)
+    y = t2r(x)
+    torch.testing.assert_close(y[:, :, 0], torch.relu(x[:, :, 0]))
+    torch.testing.assert_close(y[:, :, 1], torch.relu(2 * x[:, :, 1]))
+    hh = FeatureMap("hedgehog", num_heads=2, head_dim=4)
+    torch.testing.assert_close(hh(x), torch.softmax(torch.cat([x, -x], -1), -1))
+
+
+def test_unknown_feature_map():
+    with pytest.raises(ValueError, match="Unknown feature map"):
+        FeatureMap("cos", 1, 4)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_short_conv_streams_exactly(activation):
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4, activation)
+    x = torch.randn(2, 11, 6)
+    full, _ = conv(x)
+    state, pieces = None, []
+    for a, b in [(0, 1), (1, 5), (5, 6), (6, 11)]:
+        y, state = conv(x[:, a:b], state)
+        pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces, 1), full)
+    assert state.shape == (2, 6, 3)
+    # Causal: the output at t does not depend on inputs after t.
+    x2 = x.clone()
+    x2[:, 7:] = 0
+    torch.testing.assert_close(conv(x2)[0][:, :7], full[:, :7])
+
+
+def test_short_conv_identity_init():
+    conv = ShortConvolution(4, 3, activation=None)
+    conv.init_identity()
+    x = torch.randn(1, 5, 4)
+    torch.testing.assert_close(conv(x)[0], x)
+
+
+def test_norms():
+    x = torch.randn(3, 8) * 5
+    y = RMSNorm(8)(x)
+    torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(3), atol=1e-4, rtol=1e-4)
+    gate = torch.randn(3, 8)
+    torch.testing.assert_close(GatedRMSNorm(8)(x, gate), y * torch.nn.functional.silu(gate))
+    assert isinstance(build_norm("layer", 8, 1e-5), torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="Unknown norm_type"):
+        build_norm("batch", 8, 1e-5)
