@@ -1,0 +1,34 @@
+"""The examples and benchmark scripts run end to end in their quick modes (outputs go to a temp folder)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_ops_showcase():
+    out = _run("examples/ops_showcase.py")
+    assert "delta  rule: mean relative read-out error 0.000" in out
+
+
+def test_train_from_scratch_quick(tmp_path):
+    out = _run("examples/train_from_scratch.py", "--quick", "--out", str(tmp_path), "--save", str(tmp_path / "m"))
+    assert "| rule |" in out and (tmp_path / "curves.png").exists()
+    assert "OK" in out and (tmp_path / "m" / "config.json").exists()
+
+
+@pytest.mark.parametrize("script", ["benchmarks/ops_cpu.py", "benchmarks/generation.py"])
+def test_benchmarks_quick(tmp_path, script):
+    out = _run(script, "--quick", "--out", str(tmp_path))
+    assert "|---|" in out
+    assert any(p.suffix == ".png" for p in tmp_path.iterdir()) and any(p.suffix == ".md" for p in tmp_path.iterdir())
