@@ -59,3 +59,32 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def sdpa_causal(q, k, v, beta=None, g=None):
+    """Causal softmax attention on ``[B, T, H, D]`` inputs (the FlashAttention / SDPA peer)."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+
+
+def op_methods(family: str, backends: dict[str, str]) -> dict:
+    """``name -> fn(q, k, v, beta, g) -> o`` for our op with each ``{name: backend}``, then the peers:
+    transformers' pure-torch Gated DeltaNet (delta family only) and causal SDPA."""
+    import logging
+
+    from hf_fwp.ops import delta_rule, linear_attention
+
+    methods = {}
+    for name, backend in backends.items():
+        if family == "delta":
+            methods[name] = lambda q, k, v, b, g, be=backend: delta_rule(q, k, v, b, g=g, backend=be)[0]
+        else:
+            methods[name] = lambda q, k, v, b, g, be=backend: linear_attention(q, k, v, g=g, backend=be)[0]
+    if family == "delta":
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)  # its "fla is not installed" notice
+        methods["transformers GDN"] = lambda q, k, v, b, g: torch_chunk_gated_delta_rule(q, k, v, g, b)[0]
+    methods["SDPA causal"] = sdpa_causal
+    return methods

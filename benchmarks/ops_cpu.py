@@ -10,7 +10,6 @@ path beside this machine's measured torch.mm throughput) and writes ``results/op
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_description, markdown_table, matmul_gflops, timeit  # noqa: E402
+from common import RESULTS, machine_description, markdown_table, matmul_gflops, op_methods, timeit  # noqa: E402
 
-from hf_fwp.ops import delta_rule, linear_attention  # noqa: E402
 
 
 def chunk_flops(family: str, T: int, H: int, K: int, V: int, C: int = 64) -> float:
@@ -44,25 +42,7 @@ def make(T, H, K, V, grad):
 
 def methods(family):
     """name -> callable(q, k, v, beta, g) returning the output tensor."""
-    if family == "delta":
-        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-
-        logging.getLogger("transformers").setLevel(logging.ERROR)  # its "fla not installed" notice
-        return {
-            "naive": lambda q, k, v, b, g: delta_rule(q, k, v, b, g=g, backend="naive")[0],
-            "chunk": lambda q, k, v, b, g: delta_rule(q, k, v, b, g=g, backend="chunk")[0],
-            "transformers GDN": lambda q, k, v, b, g: torch_chunk_gated_delta_rule(q, k, v, g, b)[0],
-            "SDPA causal": sdpa,
-        }
-    return {
-        "naive": lambda q, k, v, b, g: linear_attention(q, k, v, g=g, backend="naive")[0],
-        "chunk": lambda q, k, v, b, g: linear_attention(q, k, v, g=g, backend="chunk")[0],
-        "SDPA causal": sdpa,
-    }
-
-
-def sdpa(q, k, v, b, g):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return op_methods(family, {"naive": "naive", "chunk": "chunk"})
 
 
 def main():

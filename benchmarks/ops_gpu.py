@@ -11,7 +11,6 @@ Writes ``results/ops_gpu.md`` and ``results/ops_gpu.png`` (named after the card)
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -19,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, timeit  # noqa: E402
+from common import RESULTS, markdown_table, op_methods, timeit  # noqa: E402
 
 from hf_fwp.ops import delta_rule, linear_attention  # noqa: E402
+
 
 
 def make(B, T, H, D, dtype, grad):
@@ -34,26 +34,9 @@ def make(B, T, H, D, dtype, grad):
     return [t.requires_grad_(grad) for t in (q, k, v, beta, g)]
 
 
-def sdpa(q, k, v, b, g):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-
-
 def methods(family):
-    if family == "delta":
-        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        return {
-            "triton": lambda q, k, v, b, g: delta_rule(q, k, v, b, g=g, backend="triton")[0],
-            "chunk (torch)": lambda q, k, v, b, g: delta_rule(q, k, v, b, g=g, backend="chunk")[0],
-            "transformers GDN": lambda q, k, v, b, g: torch_chunk_gated_delta_rule(q, k, v, g, b)[0],
-            "SDPA causal": sdpa,
-        }
-    return {
-        "triton": lambda q, k, v, b, g: linear_attention(q, k, v, g=g, backend="triton")[0],
-        "chunk (torch)": lambda q, k, v, b, g: linear_attention(q, k, v, g=g, backend="chunk")[0],
-        "SDPA causal": sdpa,
-    }
+    """name -> callable(q, k, v, beta, g) returning the output tensor."""
+    return op_methods(family, {"triton": "triton", "chunk (torch)": "chunk"})
 
 
 def check_correctness(B, H, D, T=1024):

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from hf_fwp import FWPCache, FWPForCausalLM, FWPModel
-from tests.modeling.helpers import LAYOUTS, rel_err, tiny_config, tiny_model
+from tests.modeling.helpers import LAYOUTS, rel_err, tiny_model
 
 RULES = ["linear", "gated_linear", "delta", "gated_delta"]
 
