@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from hf_fwp.ops import delta_rule, linear_attention  # noqa: E402
 from hf_fwp.modeling import FWPCache, FWPConfig, FWPForCausalLM, FWPModel  # noqa: E402
+from hf_fwp.conversion import convert  # noqa: E402
 
 
 def _register() -> None:
@@ -24,4 +25,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["__version__", "linear_attention", "delta_rule", "FWPConfig", "FWPModel", "FWPForCausalLM", "FWPCache"]
+__all__ = ["__version__", "linear_attention", "delta_rule", "FWPConfig", "FWPModel", "FWPForCausalLM", "FWPCache", "convert"]

@@ -1,0 +1,92 @@
+"""convert(): weight maps reproduce every supported source exactly; FWP conversions run and generate."""
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from hf_fwp import FWPForCausalLM, convert
+from hf_fwp.conversion import plan_layer_types
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+
+
+def _sources():
+    return {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                                   "rope_theta": 500.0})),
+        "llama-bias-tied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True,
+                                                                tie_word_embeddings=True)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=5)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                                   initializer_range=0.1)),
+    }
+
+
+def _randomize(model):
+    # Fresh norms are all ones and biases zero: perturb everything so a mis-mapped weight cannot hide.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(_sources()))
+def test_all_softmax_conversion_reproduces_the_source(name):
+    torch.manual_seed(0)
+    src = _randomize(_sources()[name]())
+    fwp = convert(src, keep_softmax="all")
+    assert isinstance(fwp, FWPForCausalLM)
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        expected = src(ids).logits
+        got = fwp(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(_sources()))
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(fwp_rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True,
+         fwp_layer_type="hybrid_sliding", sliding_window=4, keep_softmax=2),
+])
+def test_fwp_conversion_runs_and_generates(name, options):
+    torch.manual_seed(0)
+    src = _randomize(_sources()[name]())
+    fwp = convert(src, **options)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        logits = fwp(ids).logits
+    assert torch.isfinite(logits).all() and logits.shape == (2, 9, 96)
+    gen = fwp.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, fwp.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0))
+    assert fwp.config.layer_types.count("full_attention") + fwp.config.layer_types.count("sliding_attention") == (
+        1 if options.get("keep_softmax") == 2 else 0)
+
+
+def test_layer_plans():
+    src = ["full_attention"] * 4
+    assert plan_layer_types(4, src, "none") == ["linear_attention"] * 4
+    assert plan_layer_types(4, src, 2) == ["linear_attention", "full_attention"] * 2
+    assert plan_layer_types(4, src, [0], "hybrid_sliding") == ["full_attention"] + ["hybrid_sliding"] * 3
+    with pytest.raises(ValueError, match=r"indices \[7\]"):
+        plan_layer_types(4, src, [7])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        plan_layer_types(4, src, 0)
+
+
+def test_unsupported_architecture_and_bad_options():
+    class BertLikeForCausalLM(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="does not support BertLikeForCausalLM; supported architectures: "
+                                         "GPT2LMHeadModel, LlamaForCausalLM"):
+        convert(BertLikeForCausalLM())
+    src = _sources()["llama"]()
+    with pytest.raises(ValueError, match="needs sliding_window"):
+        convert(src, fwp_layer_type="hybrid_sliding")
+    with pytest.raises(ValueError, match="unknown FWPConfig options"):
+        convert(src, feature_mapp="hedgehog")
