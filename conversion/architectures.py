@@ -24,6 +24,7 @@ class Architecture:
     layer_map: dict[str, tuple[str, Transform]]
     positions: str | None = None  # learned absolute position table, if any
     config_map: callable = field(default=None)
+    attention: str = "self_attn"  # the attention block inside a source layer (hooked for attention transfer)
 
 
 def _llama_like_layer(q_norm: bool = False, attn_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False):
@@ -125,7 +126,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture("model.embed_tokens", "model.layers", "model.norm", {}, config_map=_qwen2_config),
     "Qwen3ForCausalLM": Architecture("model.embed_tokens", "model.layers", "model.norm", {}, config_map=_qwen3_config),
     "GPT2LMHeadModel": Architecture("transformer.wte", "transformer.h", "transformer.ln_f", _GPT2_LAYER,
-                                    positions="transformer.wpe", config_map=_gpt2_config),
+                                    positions="transformer.wpe", config_map=_gpt2_config, attention="attn"),
 }
 
 

@@ -105,7 +105,7 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     missing, unexpected = out.load_state_dict(new, strict=False)
     if unexpected:
         raise KeyError(f"converter produced unknown weights {unexpected}")
-    copied_but_missing = [k for k in missing if not _is_new_fwp_parameter(k)]
+    copied_but_missing = [k for k in missing if not is_new_fwp_parameter(k)]
     if copied_but_missing and not (config.tie_word_embeddings and copied_but_missing == ["lm_head.weight"]):
         raise KeyError(f"converter left pretrained weights unset: {copied_but_missing}")
     if config.tie_word_embeddings:
@@ -117,7 +117,8 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
 _NEW_FWP_PARTS = ("feature_map_", "b_proj", "a_proj", "A_log", "dt_bias", "mix_logit", ".conv.", "o_norm", "g_proj")
 
 
-def _is_new_fwp_parameter(key: str) -> bool:
+def is_new_fwp_parameter(key: str) -> bool:
+    """True for parameters a softmax source does not have (what attention transfer trains)."""
     return any(part in key for part in _NEW_FWP_PARTS)
 
 

@@ -1,0 +1,166 @@
+"""Distillation of a converted FWP student towards its softmax teacher.
+
+Stage 1, attention transfer (LoLCATs): everything is frozen except the parameters the conversion added (feature
+maps, beta and decay gates, hybrid mixing factors, ...). Forward hooks on the teacher's attention blocks capture, per
+layer, the block's input hidden states and its output; each student FWP layer is run on the teacher's own inputs
+and trained to match the teacher's output (mean squared error, summed over layers). No ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_fwp.conversion.architectures import ARCHITECTURES
+from hf_fwp.conversion.convert import is_new_fwp_parameter
+
+
+class TeacherAttentionCapture:
+    """Context manager: while active, every forward of ``teacher`` records ``(input, output)`` of the attention
+    block of each layer in ``layers`` into ``self.records[layer]``."""
+
+    def __init__(self, teacher, layers: Iterable[int]):
+        name = type(teacher).__name__
+        if name not in ARCHITECTURES:
+            raise ValueError(f"attention transfer does not support teacher {name}; supported: {sorted(ARCHITECTURES)}")
+        arch = ARCHITECTURES[name]
+        blocks = teacher.get_submodule(arch.layers)
+        self.modules = {i: getattr(blocks[i], arch.attention) for i in layers}
+        self.records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for i, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, i):
+        def record(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            self.records[i] = (hidden.detach(), out.detach())
+
+        return record
+
+
+def fwp_layer_indices(student) -> list[int]:
+    return [i for i, t in enumerate(student.config.layer_types) if t in ("linear_attention", "hybrid_sliding")]
+
+
+def _layer_errors(student, teacher, batch) -> dict[int, torch.Tensor]:
+    """Per FWP layer: MSE between the student's attention output and the teacher's, on the teacher's inputs."""
+    layers = fwp_layer_indices(student)
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    with torch.no_grad(), TeacherAttentionCapture(teacher, layers) as capture:
+        teacher(input_ids=ids, attention_mask=mask)
+    position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+    if mask is not None:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    rotary = student.model.rotary_emb
+    errors = {}
+    for i in layers:
+        hidden, target = capture.records[i]
+        pe = rotary(hidden, position_ids) if rotary is not None else None
+        out = student.model.layers[i].self_attn(hidden, position_embeddings=pe, attention_mask=mask)
+        diff = (out.float() - target.float()).pow(2).mean(-1)
+        errors[i] = diff.mean() if mask is None else (diff * mask).sum() / mask.sum()
+    return errors
+
+
+@torch.no_grad()
+def transfer_errors(student, teacher, batches: Iterable[dict]) -> dict[int, float]:
+    """Mean per-layer attention-transfer MSE of ``student`` against ``teacher`` over ``batches``."""
+    totals, n = {}, 0
+    for batch in batches:
+        for i, e in _layer_errors(student, teacher, batch).items():
+            totals[i] = totals.get(i, 0.0) + e.item()
+        n += 1
+    return {i: v / max(n, 1) for i, v in totals.items()}
+
+
+@dataclass
+class TransferResult:
+    """Per-layer errors before and after stage 1, and the training loss per step."""
+
+    before: dict[int, float]
+    after: dict[int, float]
+    losses: list[float] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = ["| layer | MSE before | MSE after | after / before |", "|---|---|---|---|"]
+        for i in self.before:
+            rows.append(f"| {i} | {self.before[i]:.4g} | {self.after[i]:.4g} | {self.after[i] / self.before[i]:.3f} |")
+        return "\n".join(rows)
+
+    def plot(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        layers = list(self.before)
+        a.bar([x - 0.2 for x in range(len(layers))], [self.before[i] for i in layers], 0.4, label="before")
+        a.bar([x + 0.2 for x in range(len(layers))], [self.after[i] for i in layers], 0.4, label="after")
+        a.set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="attention MSE", yscale="log",
+              title="attention transfer error per layer")
+        a.legend()
+        b.plot(self.losses)
+        b.set(xlabel="step", ylabel="summed MSE", yscale="log", title="stage 1 loss")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def trainable_fwp_parameters(student) -> list[torch.nn.Parameter]:
+    """Freeze the student except the parameters the conversion added; return those."""
+    student.requires_grad_(False)
+    params = []
+    for name, p in student.named_parameters():
+        if is_new_fwp_parameter(name):
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise ValueError("The student has no FWP parameters to train (identity feature maps and no gates?). Use a "
+                         "learned feature map (hedgehog, t2r) or a gated/delta rule.")
+    return params
+
+
+def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr: float = 1e-2,
+                       eval_batches: list[dict] | None = None, progress: bool = True) -> TransferResult:
+    """Stage 1: train the student's new FWP parameters to reproduce each teacher attention block.
+
+    ``batches`` (cycled) and ``eval_batches`` are dicts with ``input_ids`` ``[B, T]`` (and optionally
+    ``attention_mask``). Returns the per-layer errors on ``eval_batches`` (default: the first batch) before and after.
+    """
+    teacher.eval()
+    eval_batches = eval_batches or batches[:1]
+    params = trainable_fwp_parameters(student)
+    before = transfer_errors(student, teacher, eval_batches)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    student.train()
+    losses = []
+    for step in tqdm(range(steps), desc="attention transfer", disable=not progress):
+        loss = sum(_layer_errors(student, teacher, batches[step % len(batches)]).values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    student.eval()
+    return TransferResult(before, transfer_errors(student, teacher, eval_batches), losses)
+
+
+__all__ = ["TeacherAttentionCapture", "TransferResult", "attention_transfer", "transfer_errors",
+           "trainable_fwp_parameters", "fwp_layer_indices"]
