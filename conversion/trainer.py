@@ -1,0 +1,74 @@
+"""Stage 2 of distillation: LoRA (through ``peft``) with the logits of the softmax teacher as the target."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose loss is ``kl_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``.
+
+    The teacher is kept in eval mode, without gradients, on the accelerator's device (placed by accelerate with
+    the student). Padding positions (``attention_mask == 0``) are excluded from both terms.
+    """
+
+    def __init__(self, *args, teacher, temperature: float = 2.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        teacher.requires_grad_(False)
+        self.teacher = self.accelerator.prepare_model(teacher.eval(), evaluation_mode=True)
+        self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
+        # The loss below is a mean over tokens of this micro-batch: let Trainer divide it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        weights = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
+        T = self.temperature
+        s = F.log_softmax(out.logits.float() / T, dim=-1)
+        t = F.log_softmax(t_logits.float() / T, dim=-1)
+        kl = (t.exp() * (t - s)).sum(-1)
+        loss = self.kl_weight * T * T * (kl * weights).sum() / weights.sum()
+        if self.ce_weight:
+            labels = inputs.get("labels", ids)
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, -100)
+            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = loss + self.ce_weight * ce
+        return (loss, out) if return_outputs else loss
+
+
+def add_lora(student, *, targets=DEFAULT_LORA_TARGETS, rank: int = 8, alpha: int = 16, train_fwp: bool = False):
+    """Wrap ``student`` with LoRA adapters on ``targets``; with ``train_fwp`` the FWP parameters train too."""
+    import peft
+
+    from hf_fwp.conversion.convert import is_new_fwp_parameter
+
+    model = peft.get_peft_model(student, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if train_fwp:
+        for name, p in model.named_parameters():
+            if is_new_fwp_parameter(name) and "lora_" not in name:
+                p.requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, batches, temperature: float = 1.0) -> float:
+    """Token-averaged KL(teacher || student) at ``temperature`` over ``batches`` of ``input_ids``."""
+    total, n = 0.0, 0
+    for b in batches:
+        s = F.log_softmax(student(input_ids=b["input_ids"]).logits.float() / temperature, -1)
+        t = F.log_softmax(teacher(input_ids=b["input_ids"]).logits.float() / temperature, -1)
+        total += (t.exp() * (t - s)).sum(-1).sum().item()
+        n += b["input_ids"].numel()
+    return total / n

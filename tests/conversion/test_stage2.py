@@ -1,0 +1,76 @@
+"""Stage 2 (LoRA + logit distillation with a Trainer subclass) and the data pipeline."""
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+
+from hf_fwp import convert
+from hf_fwp.conversion.data import load_text, pack
+from hf_fwp.conversion.trainer import DistillationTrainer, add_lora, mean_kl
+
+TEXT = ("the quick brown fox jumps over the lazy dog . " * 3 + "\n") * 20
+
+
+def _tokenizer():
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *sorted(set(TEXT.split()))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+def test_local_files_are_tokenised_and_packed(tmp_path, suffix):
+    lines = [line for line in TEXT.splitlines() if line] + ["", "  "]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(lines))
+    else:
+        getattr(Dataset.from_dict({"text": lines}), "to_json" if suffix == ".jsonl" else "to_parquet")(str(path))
+    tok = _tokenizer()
+    blocks = pack(load_text(path), tok, block_size=16)
+    per_line = len(tok(lines[0])["input_ids"]) + 1  # + EOS between documents
+    assert len(blocks) == (20 * per_line) // 16
+    assert all(len(b) == 16 for b in blocks["input_ids"]) and blocks["labels"] == blocks["input_ids"]
+    flat = [t for b in blocks["input_ids"] for t in b]
+    assert flat[:per_line] == tok(lines[0])["input_ids"] + [tok.eos_token_id]
+
+
+def test_bad_data_sources(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_text(str(tmp_path / "missing.txt"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="suffix in"):
+        load_text(tmp_path / "x.csv")
+    (tmp_path / "y.jsonl").write_text('{"body": "hi"}\n')
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_text(tmp_path / "y.jsonl")
+
+
+def test_distillation_lowers_kl_and_merges(tmp_path):
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           initializer_range=0.2)).eval()
+    student = convert(teacher, fwp_rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True)
+    data = pack(Dataset.from_dict({"text": TEXT.splitlines()}), tok, block_size=24)
+    batches = [{"input_ids": torch.tensor(data["input_ids"][:4])}]
+    before = mean_kl(student, teacher, batches)
+    model = add_lora(student, rank=4, alpha=8, train_fwp=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, learning_rate=5e-3, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_steps=10)
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=data, teacher=teacher, temperature=2.0,
+                                  ce_weight=0.1)
+    trainer.train()
+    model.eval()
+    after = mean_kl(model, teacher, batches)
+    assert after < 0.8 * before, (before, after)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert all(not p.requires_grad for p in teacher.parameters())
