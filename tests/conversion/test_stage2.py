@@ -74,3 +74,21 @@ def test_distillation_lowers_kl_and_merges(tmp_path):
         merged = model.merge_and_unload()(ids).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_evaluation_reports_perplexity_samples_and_speed():
+    from hf_fwp.conversion.evaluate import compare, perplexity, report
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    student = convert(teacher, keep_softmax="all")
+    blocks = pack(Dataset.from_dict({"text": TEXT.splitlines()}), tok, block_size=12)
+    ppl = perplexity(teacher, blocks)
+    # A near-uniform random model has perplexity close to the vocabulary size.
+    assert 0.5 * len(tok) < ppl < 2 * len(tok)
+    result = compare(teacher, student, tok, blocks, ["the quick brown"], max_new_tokens=5)
+    assert result["ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert result["teacher"]["samples"] == result["student"]["samples"]
+    assert result["student"]["tokens_per_s"] > 0 and "student / teacher perplexity: 1.000" in report(result)
