@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from transformers import Trainer
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# A PEFT checkpoint holds only the adapters; trainable FWP parameters outside them are saved beside it.
+EXTRA_WEIGHTS = "fwp_parameters.safetensors"
 
 
 class DistillationTrainer(Trainer):
@@ -26,6 +31,26 @@ class DistillationTrainer(Trainer):
         self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
         # The loss below is a mean over tokens of this micro-batch: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+
+    def _extra_trainable(self, model=None) -> dict:
+        model = model or self.model
+        return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        extra = self._extra_trainable()
+        if extra:
+            save_file({n: p.detach().cpu().contiguous() for n, p in extra.items()},
+                      os.path.join(output_dir or self.args.output_dir, EXTRA_WEIGHTS))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, EXTRA_WEIGHTS)
+        if os.path.exists(path):
+            params = self._extra_trainable(model)
+            with torch.no_grad():
+                for n, t in load_file(path).items():
+                    params[n].copy_(t)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")

@@ -1,0 +1,157 @@
+"""The whole linearisation recipe: convert, stage 1 (attention transfer), stage 2 (LoRA + logit distillation
+under ``transformers.Trainer``), merge, evaluate, and save a folder anyone loads with ``from_pretrained``.
+
+Every stage writes to ``output_dir``: ``stage1/`` (the student after attention transfer), ``stage2/checkpoint-*``
+(Trainer checkpoints), ``model/`` (the final merged model, tokenizer and model card). With ``resume=True`` a
+rerun picks up from the last finished stage and the last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_fwp.conversion.convert import convert
+from hf_fwp.conversion.distill import attention_transfer
+from hf_fwp.conversion.evaluate import compare, report
+from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora
+
+
+@dataclass
+class Recipe:
+    """What to build and how long to train it (defaults: a pure gated-delta student)."""
+
+    fwp_rule: str = "gated_delta"
+    feature_map: str = "identity"
+    keep_softmax: str | int | list = "none"
+    fwp_layer_type: str = "linear_attention"
+    sliding_window: int | None = None
+    fwp_options: dict = field(default_factory=dict)
+    block_size: int = 256
+    batch_size: int = 4
+    stage1_steps: int = 100
+    stage1_lr: float = 1e-2
+    stage2_steps: int = 100
+    stage2_lr: float = 1e-3
+    grad_accum: int = 1
+    lora_rank: int = 8
+    lora_targets: tuple = DEFAULT_LORA_TARGETS
+    train_fwp_in_stage2: bool = True
+    temperature: float = 2.0
+    ce_weight: float = 0.0
+    save_steps: int = 50
+    seed: int = 0
+
+    def convert_options(self) -> dict:
+        opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, **self.fwp_options)
+        if self.feature_map not in ("identity", "silu") and "qk_l2norm" not in opts and self.fwp_rule in (
+                "linear", "gated_linear"):
+            opts.update(qk_l2norm=False, normalize_attention=True)
+        return dict(keep_softmax=self.keep_softmax, fwp_layer_type=self.fwp_layer_type,
+                    sliding_window=self.sliding_window, **opts)
+
+
+def _batches(blocks, batch_size: int) -> list[dict]:
+    ids = blocks["input_ids"]
+    return [{"input_ids": torch.tensor(ids[i : i + batch_size])} for i in range(0, len(ids) - batch_size + 1,
+                                                                                  batch_size)]
+
+
+def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_dir, *, resume: bool = False,
+        prompts: list[str] | None = None, base_model: str = "unknown", progress: bool = True) -> dict:
+    """Run the recipe end to end; returns the evaluation dict (see :func:`hf_fwp.conversion.evaluate.compare`)
+    with ``minutes`` and ``tokens_seen`` added. The final model is in ``output_dir / "model"``."""
+    from hf_fwp.modeling import FWPForCausalLM
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: pass resume=True to continue that run, or choose a new folder.")
+    torch.manual_seed(recipe.seed)
+    start = time.perf_counter()
+    teacher.eval()
+    stage1_dir = out / "stage1"
+    if resume and (stage1_dir / "config.json").exists():
+        student = FWPForCausalLM.from_pretrained(stage1_dir)
+        transfer = json.loads((stage1_dir / "transfer.json").read_text())
+    else:
+        student = convert(teacher, **recipe.convert_options())
+        batches = _batches(train_blocks, recipe.batch_size)
+        if not batches:
+            raise ValueError(f"Need at least batch_size={recipe.batch_size} training blocks; got {len(train_blocks)}.")
+        result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
+                                    eval_batches=_batches(eval_blocks, recipe.batch_size)[:2] or batches[:1],
+                                    progress=progress)
+        transfer = {"before": result.before, "after": result.after, "table": result.table()}
+        student.save_pretrained(stage1_dir)  # written last, so a folder with config.json is a finished stage
+        result.plot(stage1_dir / "transfer.png")
+        (stage1_dir / "transfer.json").write_text(json.dumps(transfer, indent=1))
+    model = add_lora(student, targets=recipe.lora_targets, rank=recipe.lora_rank, alpha=2 * recipe.lora_rank,
+                     train_fwp=recipe.train_fwp_in_stage2)
+    args = TrainingArguments(
+        output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
+        per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
+        lr_scheduler_type="cosine", warmup_steps=max(1, recipe.stage2_steps // 20), save_steps=recipe.save_steps,
+        save_total_limit=2, logging_steps=max(1, recipe.stage2_steps // 10), report_to=[], seed=recipe.seed,
+        disable_tqdm=not progress, remove_unused_columns=False,
+    )
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=train_blocks, teacher=teacher,
+                                  temperature=recipe.temperature, ce_weight=recipe.ce_weight)
+    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).exists() else None
+    trainer.train(resume_from_checkpoint=last)
+    student = model.merge_and_unload().eval()
+    tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum) * recipe.batch_size * recipe.block_size
+    prompts = prompts or ["The meaning of life is", "Once upon a time"]
+    result = compare(teacher, student, tokenizer, eval_blocks, prompts)
+    result.update(minutes=(time.perf_counter() - start) / 60, tokens_seen=tokens_seen, transfer=transfer,
+                  recipe=asdict(recipe))
+    save_final(student, tokenizer, out / "model", result, base_model)
+    return result
+
+
+def save_final(student, tokenizer, folder, result: dict, base_model: str) -> None:
+    """``save_pretrained`` (safetensors, config with auto_map, modeling code, generation config), the tokenizer,
+    ``results.json`` and a model card."""
+    folder = Path(folder)
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "results.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    (folder / "README.md").write_text(model_card(result, base_model))
+
+
+def model_card(result: dict, base_model: str) -> str:
+    recipe = result["recipe"]
+    return f"""---
+base_model: {base_model}
+library_name: transformers
+tags: [hf-fwp, fast-weight-programmer, linear-attention, {recipe['fwp_rule']}]
+---
+# {recipe['fwp_rule']} student of {base_model}
+
+A fast weight programmer (FWP) linearised from `{base_model}` with [hf-fwp](https://pypi.org/project/hf-fwp/):
+softmax attention replaced by the `{recipe['fwp_rule']}` rule (feature map `{recipe['feature_map']}`, layers
+`{recipe['fwp_layer_type']}`, softmax kept at `{recipe['keep_softmax']}`), then distilled back towards the original.
+
+Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the modeling code is in this
+folder; it uses the `hf-fwp` package), or with `import hf_fwp` first and no remote code.
+
+## Recipe
+1. Attention transfer: {recipe['stage1_steps']} steps, lr {recipe['stage1_lr']}, only the new FWP parameters train;
+   per-layer MSE to the teacher's attention outputs.
+2. LoRA (rank {recipe['lora_rank']} on {', '.join(recipe['lora_targets'])}) + KL to the teacher's logits
+   (temperature {recipe['temperature']}, CE weight {recipe['ce_weight']}): {recipe['stage2_steps']} steps,
+   lr {recipe['stage2_lr']}; LoRA merged.
+
+Tokens seen: {result['tokens_seen']:,}; wall time: {result['minutes']:.1f} minutes.
+
+## Evaluation (held-out text)
+{report(result)}
+## Attention transfer (per-layer MSE)
+{result['transfer']['table']}
+"""
