@@ -54,7 +54,196 @@ def _env_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_keep(value: str):
+    """``all``, ``none``, ``every:K`` or a comma list of layer indices."""
+    if value in ("all", "none"):
+        return value
+    if value.startswith("every:"):
+        try:
+            return int(value.split(":", 1)[1])
+        except ValueError:
+            raise CLIError(f"--keep-softmax {value!r}: expected every:K with an integer K") from None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--keep-softmax {value!r}: use all, none, every:K or a comma list like 0,5,11") from None
+
+
+def _fwp_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("student layout")
+    g.add_argument("--rule", default="gated_delta", choices=["linear", "gated_linear", "delta", "gated_delta"])
+    g.add_argument("--feature-map", default="identity",
+                   choices=["identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r"])
+    g.add_argument("--keep-softmax", default="none", type=str,
+                   help="layers that stay softmax: all, none, every:K or a list like 0,5,11 (default none)")
+    g.add_argument("--layer-type", default="linear_attention", choices=["linear_attention", "hybrid_sliding"],
+                   help="what the other layers become (hybrid_sliding: sliding softmax + FWP in one layer)")
+    g.add_argument("--window", type=int, default=None, help="sliding window of hybrid layers")
+
+
+def _load_teacher(spec: str):
+    from hf_fwp.conversion.hub import load_teacher
+
+    try:
+        return load_teacher(spec)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CLIError(str(e).splitlines()[0]) from None
+
+
+def _recipe_from(args):
+    from hf_fwp.conversion.pipeline import Recipe
+
+    return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
+                  fwp_layer_type=args.layer_type, sliding_window=args.window)
+
+
+def _convert_args(p):
+    p.add_argument("teacher", help="model folder, .gguf file or Hub id of the softmax model")
+    p.add_argument("output", help="folder to write the converted (undistilled) model to")
+    _fwp_args(p)
+
+
+def _convert_run(args) -> int:
+    from hf_fwp.conversion import convert
+
+    teacher, tokenizer = _load_teacher(args.teacher)
+    try:
+        student = convert(teacher, **_recipe_from(args).convert_options())
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    student.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"wrote {args.output}: {student.config.layer_types.count('linear_attention')} FWP layers, "
+          f"{sum(p.numel() for p in student.parameters()):,} parameters")
+    return 0
+
+
+def _data_args(p, required=True):
+    p.add_argument("--data", nargs="+", required=required,
+                   help="text/jsonl/parquet files, or a Hub dataset name, to train on")
+    p.add_argument("--eval-data", nargs="+", default=None, help="held-out files (default: 10%% of --data)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--block-size", type=int, default=256)
+
+
+def _blocks(args, tokenizer):
+    from hf_fwp.conversion.data import load_text, pack
+
+    try:
+        ds = pack(load_text(args.data if len(args.data) > 1 else args.data[0], text_column=args.text_column),
+                  tokenizer, args.block_size, text_column=args.text_column)
+        if args.eval_data:
+            held = pack(load_text(args.eval_data, text_column=args.text_column), tokenizer, args.block_size,
+                        text_column=args.text_column)
+            return ds, held
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    if len(ds) < 2:
+        raise CLIError(f"--data gives only {len(ds)} blocks of {args.block_size} tokens; add text or lower "
+                       "--block-size.")
+    split = ds.train_test_split(test_size=0.1, seed=0)
+    return split["train"], split["test"]
+
+
+def _distill_args(p):
+    p.add_argument("teacher", help="model folder, .gguf file or Hub id of the softmax model")
+    p.add_argument("output", help="run folder (stage1/, stage2/ checkpoints, model/)")
+    _fwp_args(p)
+    _data_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--stage1-steps", type=int, default=100)
+    g.add_argument("--stage2-steps", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--temperature", type=float, default=2.0)
+    g.add_argument("--ce-weight", type=float, default=0.0)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+
+
+def _distill_run(args) -> int:
+    from dataclasses import replace
+
+    from hf_fwp.conversion import pipeline
+
+    teacher, tokenizer = _load_teacher(args.teacher)
+    train, held = _blocks(args, tokenizer)
+    recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
+                     stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
+                     temperature=args.temperature, ce_weight=args.ce_weight)
+    try:
+        result = pipeline.run(teacher, tokenizer, train, held, recipe, args.output, resume=args.resume,
+                              base_model=args.teacher)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    from hf_fwp.conversion.evaluate import report
+
+    print(report(result))
+    print(f"wrote {args.output}/model ({result['minutes']:.1f} minutes, {result['tokens_seen']:,} tokens)")
+    return 0
+
+
+def _eval_args(p):
+    p.add_argument("model", help="the FWP (student) model folder")
+    p.add_argument("--teacher", required=True, help="model folder, .gguf file or Hub id to compare with")
+    _data_args(p)
+    p.add_argument("--max-blocks", type=int, default=32)
+    p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
+
+
+def _eval_run(args) -> int:
+    from hf_fwp.conversion.evaluate import compare, report
+
+    teacher, tokenizer = _load_teacher(args.teacher)
+    student, _ = _load_teacher(args.model)
+    args.eval_data = args.eval_data or args.data
+    _, held = _blocks(args, tokenizer)
+    held = held.select(range(min(len(held), args.max_blocks)))
+    print(report(compare(teacher, student, tokenizer, held, args.prompt or ["The meaning of life is"])))
+    return 0
+
+
+def _generate_args(p):
+    p.add_argument("model", help="model folder, .gguf file or Hub id")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+
+
+def _generate_run(args) -> int:
+    from hf_fwp.conversion.evaluate import generate_samples
+
+    model, tokenizer = _load_teacher(args.model)
+    texts, tps = generate_samples(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt}{text}\n")
+    print(f"({tps:.1f} tokens/s)")
+    return 0
+
+
+def _push_args(p):
+    p.add_argument("folder", help="a saved model folder (e.g. RUN/model)")
+    p.add_argument("repo_id", help="user/name on the Hugging Face Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+
+
+def _push_run(args) -> int:
+    from hf_fwp.conversion.hub import push
+
+    try:
+        files = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} to {args.repo_id}:\n" + "\n".join(f"  {f}" for f in files))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "convert": ("turn a pretrained softmax LM into an FWP (no training)", _convert_args, _convert_run),
+    "distill": ("convert, then distill (attention transfer, LoRA + KL) and save", _distill_args, _distill_run),
+    "eval": ("perplexity, samples and speed of a student beside its teacher", _eval_args, _eval_run),
+    "generate": ("generate text with a model", _generate_args, _generate_run),
+    "push": ("upload a saved model folder to the Hugging Face Hub", _push_args, _push_run),
     "env": ("print versions and which op backend 'auto' picks", _env_args, _env_run),
 }
 

@@ -1,0 +1,56 @@
+"""Loading teachers (local folder, Hub id or GGUF file) and sharing results on the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# What a model folder written by hf-fwp holds and push uploads (everything else, e.g. checkpoints, stays local).
+UPLOAD_PATTERNS = ("*.json", "*.safetensors", "*.py", "*.md", "*.txt", "*.model", "*.png")
+
+
+def load_teacher(spec: str, *, dtype=None):
+    """``(model, tokenizer)`` from a local folder, a ``.gguf`` file (dequantised to float32) or a Hub id.
+
+    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` for a file that is not GGUF.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".gguf", ".bin", ".safetensors")
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"teacher {spec!r} does not exist.")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"teacher {spec!r} is a file but not a .gguf model; pass a model folder, a GGUF file or "
+                             "a Hub id.")
+        from transformers import GgufConfig
+
+        kwargs = dict(gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, quantization_config=GgufConfig(dequantize=True),
+                                                     dtype=dtype or "float32", **kwargs)
+        return model.eval(), AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
+    return model.eval(), AutoTokenizer.from_pretrained(spec)
+
+
+def files_to_upload(folder) -> list[str]:
+    """The relative paths :func:`push` uploads from ``folder`` (sorted)."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json).")
+    files = {p for pattern in UPLOAD_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(str(p.relative_to(folder)) for p in files)
+
+
+def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None) -> list[str]:
+    """Upload a saved model folder to ``repo_id`` with ``huggingface_hub``; ``dry_run`` only returns the file list."""
+    files = files_to_upload(folder)
+    if dry_run:
+        return files
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=files,
+                      commit_message="Upload FWP model (hf-fwp)")
+    return files
