@@ -69,10 +69,24 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     with ``minutes`` and ``tokens_seen`` added. The final model is in ``output_dir / "model"``."""
     from hf_fwp.modeling import FWPForCausalLM
 
+    from accelerate import PartialState
+
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and any(out.iterdir()):
+    if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: pass resume=True to continue that run, or choose a new folder.")
+    args = TrainingArguments(
+        output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
+        per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
+        lr_scheduler_type="cosine", warmup_steps=max(1, recipe.stage2_steps // 20), save_steps=recipe.save_steps,
+        save_total_limit=2, logging_steps=max(1, recipe.stage2_steps // 10), report_to=[], seed=recipe.seed,
+        disable_tqdm=not progress, remove_unused_columns=False,
+        # Without use_cpu, accelerate does not start a gloo process group for multi-process runs on CPU.
+        use_cpu=not torch.cuda.is_available(),
+    )
+    # Under torchrun / accelerate launch every process runs the (deterministic) stage 1, only the main one writes.
+    state = PartialState()
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
     teacher.eval()
@@ -89,29 +103,28 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
                                     eval_batches=_batches(eval_blocks, recipe.batch_size)[:2] or batches[:1],
                                     progress=progress)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
-        student.save_pretrained(stage1_dir)  # written last, so a folder with config.json is a finished stage
-        result.plot(stage1_dir / "transfer.png")
-        (stage1_dir / "transfer.json").write_text(json.dumps(transfer, indent=1))
+        if state.is_main_process:
+            stage1_dir.mkdir(exist_ok=True)
+            result.plot(stage1_dir / "transfer.png")
+            (stage1_dir / "transfer.json").write_text(json.dumps(transfer, indent=1))
+            student.save_pretrained(stage1_dir)  # written last: a folder with config.json is a finished stage
+        state.wait_for_everyone()
     model = add_lora(student, targets=recipe.lora_targets, rank=recipe.lora_rank, alpha=2 * recipe.lora_rank,
                      train_fwp=recipe.train_fwp_in_stage2)
-    args = TrainingArguments(
-        output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
-        per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
-        lr_scheduler_type="cosine", warmup_steps=max(1, recipe.stage2_steps // 20), save_steps=recipe.save_steps,
-        save_total_limit=2, logging_steps=max(1, recipe.stage2_steps // 10), report_to=[], seed=recipe.seed,
-        disable_tqdm=not progress, remove_unused_columns=False,
-    )
     trainer = DistillationTrainer(model=model, args=args, train_dataset=train_blocks, teacher=teacher,
                                   temperature=recipe.temperature, ce_weight=recipe.ce_weight)
     last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).exists() else None
     trainer.train(resume_from_checkpoint=last)
     student = model.merge_and_unload().eval()
-    tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum) * recipe.batch_size * recipe.block_size
+    tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum * state.num_processes) * (
+        recipe.batch_size * recipe.block_size)
     prompts = prompts or ["The meaning of life is", "Once upon a time"]
     result = compare(teacher, student, tokenizer, eval_blocks, prompts)
     result.update(minutes=(time.perf_counter() - start) / 60, tokens_seen=tokens_seen, transfer=transfer,
                   recipe=asdict(recipe))
-    save_final(student, tokenizer, out / "model", result, base_model)
+    if state.is_main_process:
+        save_final(student, tokenizer, out / "model", result, base_model)
+    state.wait_for_everyone()
     return result
 
 
