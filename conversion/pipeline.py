@@ -25,13 +25,18 @@ from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer,
 
 @dataclass
 class Recipe:
-    """What to build and how long to train it (defaults: a pure gated-delta student)."""
+    """What to build and how long to train it.
 
-    fwp_rule: str = "gated_delta"
-    feature_map: str = "identity"
+    Defaults: the LoLCATs-style hybrid (every layer: 64-token softmax window + Hedgehog linear attention), chosen by
+    measurement on SmolLM2-135M (README: student/teacher perplexity 1.39 after 8 CPU minutes, against 1062 for a pure
+    gated-delta student with the same budget).
+    """
+
+    fwp_rule: str = "linear"
+    feature_map: str = "hedgehog"
     keep_softmax: str | int | list = "none"
-    fwp_layer_type: str = "linear_attention"
-    sliding_window: int | None = None
+    fwp_layer_type: str = "hybrid_sliding"
+    sliding_window: int | None = 64
     fwp_options: dict = field(default_factory=dict)
     block_size: int = 256
     batch_size: int = 4

@@ -44,7 +44,7 @@ def test_linearize_smollm2_quick(tmp_path):
     if missing:
         # CI installs through the Makefile, which adds both: there a missing one is a failure, not a skip.
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"not installed: {missing} (make install adds them)")
-    out = _run("examples/linearize_smollm2.py", "--quick", "--out", str(tmp_path))
+    out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "gated_delta", "hybrid", "--out", str(tmp_path))
     assert "logits identical = True" in out
     assert "| gated_delta |" in out and "| hybrid |" in out
     assert (tmp_path / "hybrid" / "model" / "README.md").exists()
