@@ -11,25 +11,47 @@ from __future__ import annotations
 import torch
 
 
-def decay_terms(g: torch.Tensor | None, chunk_size: int, device, dtype):
-    """Decay factors of each chunk, built in log space so that strong decays never overflow.
+# Below this cumulative log-decay inside a chunk, exp(+-b) no longer fits float32 comfortably and the decay mask is
+# built in log space instead of as an outer product (about 1e13 of headroom at -30).
+FACTOR_LIMIT = -30.0
 
-    Given the chunked log-decay ``g [N, G, C]`` (or None for no decay) returns
 
-    * ``mask [N, G, C, C]``: ``exp(b_t - b_i)`` for ``i <= t`` and 0 above the diagonal, where ``b`` is the
-      within-chunk cumulative log-decay (without decay: the ``[C, C]`` lower triangle of ones);
-    * ``gamma [N, G, C]``: ``exp(b_t)``, the decay from the chunk start to t (None without decay);
-    * ``tail [N, G, C]``: ``exp(b_C - b_t)``, the decay from t to the chunk end (None without decay);
-    * ``chunk [N, G]``: ``exp(b_C)``, the whole chunk's decay (None without decay).
+def block_decay(k: torch.Tensor, g: torch.Tensor | None, for_backward: bool):
+    """Decay factors of one block of chunks, never exponentiating a positive number that could overflow.
+
+    ``k [nb, G, C, K]``, ``g [nb, G, C]`` (chunked log-decay, or None for no decay). With ``b`` the within-chunk
+    cumulative log-decay, returns ``(mask, gamma, tail, chunk, right)``:
+
+    * ``gamma [nb, G, C]``: ``exp(b_t)``; ``tail``: ``exp(b_C - b_t)``; ``chunk [nb, G]``: ``exp(b_C)`` (None without
+      decay);
+    * ``mask``: the causal decay mask ``M[t, i] = exp(b_t - b_i)`` (``i <= t``, 0 above) as ``[nb, G, C, C]``, built
+      in log space; without decay the ``[C, C]`` lower triangle of ones;
+    * ``right``: the right operand of ``(.) right^T`` products.
+
+    The mask enters only through ``A = Q K^T * M`` and ``L = K K^T * M``. When the block's decay is mild and no
+    gradient is needed, ``mask`` is None and the decay is folded into the operands instead, ``right = k / Gamma``
+    (the caller scales the left operand by ``Gamma``), which skips every [C, C] exp and mask pass. Without decay
+    in the forward ``mask`` is None too (the caller applies the causal triangle).
     """
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril()
+    C = k.shape[2]
     if g is None:
-        return causal.to(dtype), None, None, None
+        mask = torch.ones(C, C, dtype=k.dtype, device=k.device).tril_() if for_backward else None
+        return mask, None, None, None, k
     b = g.cumsum(-1)
+    last = b[..., -1:]
+    gamma, tail, chunk = b.exp(), (last - b).exp(), last[..., 0].exp()
+    if not for_backward and last.min().item() >= FACTOR_LIMIT:
+        return None, gamma, tail, chunk, k * (-b).exp()[..., None]
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     # Mask the exponent (not the result): above the diagonal b_t - b_i > 0 and could overflow to inf.
     mask = (b[..., :, None] - b[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
-    last = b[..., -1:]
-    return mask, b.exp(), (last - b).exp(), last[..., 0].exp()
+    return mask, gamma, tail, chunk, k
+
+
+def bmm_ng(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matmul over leading ``[n, G]`` dims through one 3-D bmm (views, no copies for contiguous input)."""
+    n, G = a.shape[:2]
+    return torch.bmm(a.reshape(n * G, *a.shape[2:]), b.reshape(n * G, *b.shape[2:])).view(n, G, a.shape[2], b.shape[3])
 
 
 def blocks(T: int, chunk_size: int, chunks_per_block: int):

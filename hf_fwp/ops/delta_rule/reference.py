@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import blocks, chunks_per_block, decay_terms, gather_block, scatter_block
+from hf_fwp.ops.chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
 from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
 
 
@@ -93,58 +93,33 @@ def chunk_delta_rule(
     return o, (final.reshape(B, H, K, V) if output_final_state else None)
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched matmul over leading ``[n, G]`` dims through one 3-D bmm (views, no copies for contiguous input)."""
-    n, G = a.shape[:2]
-    return torch.bmm(a.reshape(n * G, *a.shape[2:]), b.reshape(n * G, *b.shape[2:])).view(n, G, a.shape[2], b.shape[3])
-
-
-# Below this cumulative log-decay inside a chunk, exp(+-b) no longer fits float32 comfortably and the decay mask is
-# built in log space instead of as an outer product (about 1e13 of headroom at -30).
-_FACTOR_LIMIT = -30.0
-
-
 def _block_forward(q, k, v, beta, g, scale, for_backward=False):
     """Every per-chunk quantity of one block (``[nb, G, C, *]`` inputs in the state dtype); see chunk_delta_rule.
 
-    The decay mask ``M[t, i] = exp(b_t - b_i)`` enters only through ``A`` and ``L``. When the block's decay is mild
-    the forward folds it into the operands, ``(Gamma q)(k / Gamma)^T``, which skips every [C, C] exp and mask pass;
-    otherwise (and always for the backward, which needs ``M``) it is built in log space.
+    The decay enters ``A`` and ``L`` either through the log-space mask or folded into the operands
+    (:func:`hf_fwp.ops.chunking.block_decay`); the backward always asks for the mask.
     """
     nb, G, C, K = q.shape
     V = v.shape[-1]
-    mask, gamma, tail, chunk = None, None, None, None
-    if g is None:
-        right = k
-        if for_backward:
-            mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
-    else:
-        b = g.cumsum(-1)
-        last = b[..., -1:]
-        gamma, tail, chunk = b.exp(), (last - b).exp(), last[..., 0].exp()
-        if for_backward or last.min().item() < _FACTOR_LIMIT:
-            mask, _, _, _ = decay_terms(g, C, q.device, q.dtype)
-            right = k
-        else:
-            right = k * (-b).exp()[..., None]
+    mask, gamma, tail, chunk, right = block_decay(k, g, for_backward)
     gk = k if gamma is None else k * gamma[..., None]
     qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
     rT = right.transpose(-1, -2)
     if mask is None:
         # Only the strict lower triangle of L is read below, so L needs no mask; A keeps the diagonal.
-        L = _bmm(gk * beta[..., None], rT)
-        A = _bmm(qg, rT).tril_()
+        L = bmm_ng(gk * beta[..., None], rT)
+        A = bmm_ng(qg, rT).tril_()
     else:
-        L = _bmm(k * beta[..., None], rT).mul_(mask)
-        A = _bmm(q, rT).mul_(mask).mul_(scale)
+        L = bmm_ng(k * beta[..., None], rT).mul_(mask)
+        A = bmm_ng(q, rT).mul_(mask).mul_(scale)
     # T = (I + L)^{-1} explicitly: one solve against I, then products (faster on CPU than solving for W directly,
     # and the backward reuses T instead of a second solve).
     eye_c = torch.eye(C, dtype=q.dtype, device=q.device)
     Ti = torch.linalg.solve_triangular(L, eye_c.expand(nb, G, C, C), upper=False, unitriangular=True)
-    W = _bmm(Ti, torch.cat([v, gk], dim=-1).mul_(beta[..., None]))  # [W_v | W_k]
-    AW = _bmm(A, W)  # [A W_v | A W_k] in one product
+    W = bmm_ng(Ti, torch.cat([v, gk], dim=-1).mul_(beta[..., None]))  # [W_v | W_k]
+    AW = bmm_ng(A, W)  # [A W_v | A W_k] in one product
     kd = k if tail is None else k * tail[..., None]
-    KW = _bmm(kd.transpose(-1, -2), W)  # [K_d^T W_v | K_d^T W_k]
+    KW = bmm_ng(kd.transpose(-1, -2), W)  # [K_d^T W_v | K_d^T W_k]
     eye = torch.eye(K, dtype=q.dtype, device=q.device)
     P = (eye if chunk is None else chunk[..., None, None] * eye) - KW[..., V:]
     X = qg - AW[..., V:]
@@ -196,8 +171,8 @@ class _ChunkDelta(torch.autograd.Function):
             dO = gather_block(d_o, t0, nb, C, dt)
             x = _block_forward(qb, kb, vb, bb, gb, scale, for_backward=True)
             S_n = states[n0 : n0 + nb]
-            dX = _bmm(dO, S_n.transpose(-1, -2))
-            dS_ext = _bmm(x["X"].transpose(-1, -2), dO)
+            dX = bmm_ng(dO, S_n.transpose(-1, -2))
+            dS_ext = bmm_ng(x["X"].transpose(-1, -2), dO)
             dP = torch.empty(nb, G, K, K, dtype=dt, device=q.device)
             dD = torch.empty(nb, G, K, V, dtype=dt, device=q.device)
             P = x["P"]
@@ -219,18 +194,18 @@ def _block_backward(q, k, v, beta, g, scale, x, dO, dX, dP, dD):
                                                                  "kd", "gk"))
     dKW = torch.cat([dD, -dP], dim=-1)  # [nb, G, K, V + K]
     dAW = torch.cat([dO, -dX], dim=-1)  # [nb, G, C, V + K]
-    d_kd = _bmm(W, dKW.transpose(-1, -2))
-    dW = _bmm(kd, dKW).add_(_bmm(A.transpose(-1, -2), dAW))
-    dA = _bmm(dAW, W.transpose(-1, -2))
+    d_kd = bmm_ng(W, dKW.transpose(-1, -2))
+    dW = bmm_ng(kd, dKW).add_(bmm_ng(A.transpose(-1, -2), dAW))
+    dA = bmm_ng(dAW, W.transpose(-1, -2))
     # W = (I + L)^{-1} R  =>  dR = (I + L)^{-T} dW,  dL = -dR W^T on the strict lower triangle.
-    dR = _bmm(x["Ti"].transpose(-1, -2), dW)
-    dL = _bmm(dR, W.transpose(-1, -2)).neg_().tril_(-1)
+    dR = bmm_ng(x["Ti"].transpose(-1, -2), dW)
+    dL = bmm_ng(dR, W.transpose(-1, -2)).neg_().tril_(-1)
     dAm = dA * mask
     dLm = dL * mask
     kbeta = k * beta[..., None]
-    dkb = _bmm(dLm, k)
-    dq = _bmm(dAm, k).mul_(scale).add_(dX * scale if gamma is None else dX * (scale * gamma)[..., None])
-    dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale).add_(_bmm(dLm.transpose(-1, -2), kbeta))
+    dkb = bmm_ng(dLm, k)
+    dq = bmm_ng(dAm, k).mul_(scale).add_(dX * scale if gamma is None else dX * (scale * gamma)[..., None])
+    dk = bmm_ng(dAm.transpose(-1, -2), q).mul_(scale).add_(bmm_ng(dLm.transpose(-1, -2), kbeta))
     dRv, dRk = dR[..., :V], dR[..., V:]
     dv = dRv * beta[..., None]
     dRk_gk = (dRk * gk).sum(-1)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hf_fwp.ops.utils import pack_varlen, unpack_varlen
+from hf_fwp.ops.utils import varlen_padded
 
 __all__ = ["triton_delta_rule", "fused_recurrent_delta_rule", "triton_chunk_delta_rule"]
 
@@ -656,14 +656,6 @@ def _check(q, k, v, beta, g, initial_state, op: str) -> None:
                          f"{MAX_HEAD_DIM_K}; got K = {q.shape[-1]}. Use backend='chunk'.")
 
 
-def _run_varlen(fn, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
-    # Zero right-padding is exact (zero key and beta write nothing, zero log-decay keeps the state).
-    padded = [pack_varlen(x, cu_seqlens) for x in (q, k, v, beta)]
-    o, ht = fn(*padded, g=pack_varlen(g, cu_seqlens), scale=scale, initial_state=initial_state,
-               output_final_state=output_final_state)
-    return unpack_varlen(o, cu_seqlens), ht
-
-
 def fused_recurrent_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -682,8 +674,8 @@ def fused_recurrent_delta_rule(
     """
     _check(q, k, v, beta, g, initial_state, "fused_recurrent_delta_rule")
     if cu_seqlens is not None:
-        return _run_varlen(fused_recurrent_delta_rule, q, k, v, beta, g, scale, initial_state, output_final_state,
-                           cu_seqlens)
+        return varlen_padded(fused_recurrent_delta_rule, (q, k, v), g, scale, initial_state, output_final_state,
+                             cu_seqlens, beta=beta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return FusedRecurrentDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state)
 
@@ -703,8 +695,8 @@ def triton_chunk_delta_rule(
     """Chunkwise-parallel Triton path (chunks of 64 tokens). Shapes as in :func:`triton_delta_rule`."""
     _check(q, k, v, beta, g, initial_state, "triton_chunk_delta_rule")
     if cu_seqlens is not None:
-        return _run_varlen(triton_chunk_delta_rule, q, k, v, beta, g, scale, initial_state, output_final_state,
-                           cu_seqlens)
+        return varlen_padded(triton_chunk_delta_rule, (q, k, v), g, scale, initial_state, output_final_state,
+                             cu_seqlens, beta=beta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, initial_state, output_final_state)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import blocks, chunks_per_block, decay_terms, gather_block, scatter_block
+from hf_fwp.ops.chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
 from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
 
 
@@ -78,42 +78,19 @@ def chunk_linear_attention(
     return o, (final.reshape(B, H, K, V) if output_final_state else None)
 
 
-# Below this cumulative log-decay inside a chunk the decay is applied through a log-space mask instead of being
-# folded into the operands as exp(+-b) (about 1e13 of float32 headroom at -30).
-_FACTOR_LIMIT = -30.0
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched matmul over leading ``[n, G]`` dims through one 3-D bmm."""
-    n, G = a.shape[:2]
-    return torch.bmm(a.reshape(n * G, *a.shape[2:]), b.reshape(n * G, *b.shape[2:])).view(n, G, a.shape[2], b.shape[3])
-
-
 def _block_forward(q, k, g, scale, for_backward=False):
     """Per-chunk quantities of one block (``[nb, G, C, *]`` in the state dtype): the masked, scaled, decayed
     ``A = scale Q K^T * M``, ``qg = scale Gamma Q``, ``kd = exp(b_C - b) K`` and the chunk decay ``exp(b_C)``.
 
-    With a mild decay the forward folds ``M`` into the operands, ``(Gamma q)(k / Gamma)^T``; otherwise (and
-    always for the backward, which needs ``M``) the mask is built in log space.
+    The decay enters ``A`` through the log-space mask or folded into the operands
+    (:func:`hf_fwp.ops.chunking.block_decay`); the backward always asks for the mask.
     """
-    C = q.shape[2]
-    mask = gamma = tail = chunk = None
-    right = k
-    if g is not None:
-        b = g.cumsum(-1)
-        last = b[..., -1:]
-        gamma, tail, chunk = b.exp(), (last - b).exp(), last[..., 0].exp()
-        if for_backward or last.min().item() < _FACTOR_LIMIT:
-            mask = decay_terms(g, C, q.device, q.dtype)[0]
-        else:
-            right = k * (-b).exp()[..., None]
-    elif for_backward:
-        mask = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_()
+    mask, gamma, tail, chunk, right = block_decay(k, g, for_backward)
     qg = q * scale if gamma is None else q * (scale * gamma)[..., None]
     if mask is None:
-        A = _bmm(qg, right.transpose(-1, -2)).tril_()
+        A = bmm_ng(qg, right.transpose(-1, -2)).tril_()
     else:
-        A = _bmm(q, k.transpose(-1, -2)).mul_(mask).mul_(scale)
+        A = bmm_ng(q, k.transpose(-1, -2)).mul_(mask).mul_(scale)
     kd = k if tail is None else k * tail[..., None]
     return dict(mask=mask, gamma=gamma, chunk=chunk, tail=tail, A=A, qg=qg, kd=kd)
 
@@ -135,13 +112,13 @@ class _ChunkLinear(torch.autograd.Function):
         for n0, nb, t0 in blocks(T, C, chunks_per_block(G)):
             qb, kb, vb, gb = (gather_block(t, t0, nb, C, dt) for t in (q, k, v, g))
             x = _block_forward(qb, kb, gb, scale)
-            D = _bmm(x["kd"].transpose(-1, -2), vb)
+            D = bmm_ng(x["kd"].transpose(-1, -2), vb)
             for j in range(nb):
                 if x["chunk"] is None:
                     torch.add(D[j], states[n0 + j], out=states[n0 + j + 1])
                 else:
                     torch.addcmul(D[j], x["chunk"][j][:, None, None], states[n0 + j], out=states[n0 + j + 1])
-            ob = torch.baddbmm(_bmm(x["A"], vb).view(nb * G, C, V), x["qg"].reshape(nb * G, C, K),
+            ob = torch.baddbmm(bmm_ng(x["A"], vb).view(nb * G, C, V), x["qg"].reshape(nb * G, C, K),
                                states[n0 : n0 + nb].reshape(nb * G, K, V))
             scatter_block(o, ob.view(nb, G, C, V), t0)
         ctx.save_for_backward(q, k, v, g, states)
@@ -161,7 +138,7 @@ class _ChunkLinear(torch.autograd.Function):
             qb, kb, vb, gb, dO = (gather_block(t, t0, nb, C, dt) for t in (q, k, v, g, d_o))
             x = _block_forward(qb, kb, gb, scale, for_backward=True)
             S_n = states[n0 : n0 + nb]
-            dS_ext = _bmm(x["qg"].transpose(-1, -2), dO)
+            dS_ext = bmm_ng(x["qg"].transpose(-1, -2), dO)
             dD = torch.empty(nb, G, K, V, dtype=dt, device=q.device)
             for j in range(nb - 1, -1, -1):
                 dD[j] = dS
@@ -176,13 +153,13 @@ class _ChunkLinear(torch.autograd.Function):
 def _block_backward(q, k, v, g, scale, x, dO, S_n, dD):
     """Gradients of one block's q, k, v, g given dO, the chunk-start states and the scan's dD = dS_{n+1}."""
     mask, gamma, chunk, tail, A, qg, kd = (x[n] for n in ("mask", "gamma", "chunk", "tail", "A", "qg", "kd"))
-    d_qg = _bmm(dO, S_n.transpose(-1, -2))
-    d_kd = _bmm(v, dD.transpose(-1, -2))
-    dv = _bmm(A.transpose(-1, -2), dO).add_(_bmm(kd, dD))
-    dA = _bmm(dO, v.transpose(-1, -2))
+    d_qg = bmm_ng(dO, S_n.transpose(-1, -2))
+    d_kd = bmm_ng(v, dD.transpose(-1, -2))
+    dv = bmm_ng(A.transpose(-1, -2), dO).add_(bmm_ng(kd, dD))
+    dA = bmm_ng(dO, v.transpose(-1, -2))
     dAm = dA * mask  # d(scale q k^T) (the mask also zeroes the upper triangle)
-    dq = _bmm(dAm, k).mul_(scale).add_(d_qg * scale if gamma is None else d_qg * (scale * gamma)[..., None])
-    dk = _bmm(dAm.transpose(-1, -2), q).mul_(scale).add_(d_kd if tail is None else d_kd * tail[..., None])
+    dq = bmm_ng(dAm, k).mul_(scale).add_(d_qg * scale if gamma is None else d_qg * (scale * gamma)[..., None])
+    dk = bmm_ng(dAm.transpose(-1, -2), q).mul_(scale).add_(d_kd if tail is None else d_kd * tail[..., None])
     dg = None
     if g is not None:
         # Log-space chain rule, as in the delta rule: dA * A collects the mask's d(factor) * factor.
