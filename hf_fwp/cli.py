@@ -126,18 +126,22 @@ def _data_args(p, required=True):
     p.add_argument("--block-size", type=int, default=256)
 
 
-def _blocks(args, tokenizer):
+def _pack(sources: list[str], args, tokenizer):
+    """Blocks of ``args.block_size`` tokens from files or a Hub dataset name; user mistakes become CLIErrors."""
     from hf_fwp.conversion.data import load_text, pack
 
     try:
-        ds = pack(load_text(args.data if len(args.data) > 1 else args.data[0], text_column=args.text_column),
-                  tokenizer, args.block_size, text_column=args.text_column)
-        if args.eval_data:
-            held = pack(load_text(args.eval_data, text_column=args.text_column), tokenizer, args.block_size,
-                        text_column=args.text_column)
-            return ds, held
+        text = load_text(sources if len(sources) > 1 else sources[0], text_column=args.text_column)
+        return pack(text, tokenizer, args.block_size, text_column=args.text_column)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+
+
+def _blocks(args, tokenizer):
+    """``(train, held_out)``: --data and --eval-data, or a 90/10 split of --data."""
+    ds = _pack(args.data, args, tokenizer)
+    if args.eval_data:
+        return ds, _pack(args.eval_data, args, tokenizer)
     if len(ds) < 2:
         raise CLIError(f"--data gives only {len(ds)} blocks of {args.block_size} tokens; add text or lower "
                        "--block-size.")
@@ -195,8 +199,8 @@ def _eval_run(args) -> int:
 
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model)
-    args.eval_data = args.eval_data or args.data
-    _, held = _blocks(args, tokenizer)
+    # Only held-out text is needed here: pack just that (all of --data when no --eval-data is given).
+    held = _pack(args.eval_data or args.data, args, tokenizer)
     held = held.select(range(min(len(held), args.max_blocks)))
     print(report(compare(teacher, student, tokenizer, held, args.prompt or ["The meaning of life is"])))
     return 0
