@@ -33,6 +33,9 @@ from hf_fwp.conversion.pipeline import Recipe, run
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
     "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity"),
+    # Pure FWP with something to learn in attention transfer: a Hedgehog map (starts at softmax([x, -x])) before
+    # the L2 norm, so stage 1 can shape the keys' similarities instead of fitting only gates and beta.
+    "gated_delta_hedgehog": Recipe(fwp_rule="gated_delta", feature_map="hedgehog"),
     # LoLCATs-style: every layer mixes a 64-token softmax window with Hedgehog linear attention.
     "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64),
 }

@@ -11,6 +11,7 @@ from hf_fwp.conversion import pipeline
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.trainer import DistillationTrainer
 from tests.conversion.test_stage2 import TEXT, _tokenizer
+from tests.modeling.helpers import load_in_fresh_process
 
 
 def _setup():
@@ -43,7 +44,13 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     assert reference["tokens_seen"] == (5 + 6) * 4 * 16
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor(held_out["input_ids"][:2])
-    ref_logits = loaded(ids).logits
+    with torch.no_grad():
+        ref_logits = loaded(ids).logits
+    # The distilled folder is self-describing: a fresh process loads it as remote code, tokenizer included.
+    fresh = load_in_fresh_process(folder, ids, ids[:1, :5])
+    torch.testing.assert_close(fresh["logits"], ref_logits, atol=1e-6, rtol=1e-5)
+    assert fresh["gen"] == loaded.generate(ids[:1, :5], max_new_tokens=4, do_sample=False).tolist()
+    assert fresh["tokenizer"] is not None
 
     # Interrupt stage 2 after its first checkpoint (step 3), then resume.
     calls = {"n": 0}

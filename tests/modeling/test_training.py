@@ -1,16 +1,11 @@
 """Training integration: the HF Trainer, PEFT LoRA, and loading saved folders as remote code."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from tests.modeling.helpers import tiny_model
+from tests.modeling.helpers import load_in_fresh_process, tiny_model
 
 
 @pytest.mark.parametrize("layout", ["fwp", "lolcats"])
@@ -64,22 +59,10 @@ def test_saved_folder_loads_as_remote_code_in_a_fresh_process(tmp_path):
     model = tiny_model(layout="hybrid", feature_map="hedgehog", fwp_rule="linear", qk_l2norm=False,
                        normalize_attention=True)
     model.save_pretrained(tmp_path / "model")
-    ids = torch.arange(3, 15)[None]
+    ids, prompt = torch.arange(3, 15)[None], torch.arange(3, 9)[None]
     with torch.no_grad():
         expected = model(ids).logits
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        from transformers import AutoModelForCausalLM
-        assert "hf_fwp" not in sys.modules
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
-        with torch.no_grad():
-            logits = model(torch.arange(3, 15)[None]).logits
-            gen = model.generate(torch.arange(3, 9)[None], max_new_tokens=4, do_sample=False)
-        print(json.dumps({{"module": type(model).__module__, "logits": logits.tolist(), "gen": gen.tolist()}}))
-    """)
-    # Run outside the repository so that nothing but the saved folder and installed packages is importable.
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = load_in_fresh_process(tmp_path / "model", ids, prompt)
     assert result["module"].startswith("transformers_modules.")
-    torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-6, rtol=1e-5)
-    assert result["gen"] == model.generate(torch.arange(3, 9)[None], max_new_tokens=4, do_sample=False).tolist()
+    torch.testing.assert_close(result["logits"], expected, atol=1e-6, rtol=1e-5)
+    assert result["gen"] == model.generate(prompt, max_new_tokens=4, do_sample=False).tolist()
