@@ -29,7 +29,7 @@ class Recipe:
 
     Defaults: the LoLCATs-style hybrid (every layer: 64-token softmax window + Hedgehog linear attention), chosen by
     measurement on SmolLM2-135M (README: student/teacher perplexity 1.39 after 8 CPU minutes, against 1062 for a pure
-    gated-delta student with the same budget).
+    gated-delta student with the same budget; 1.23 after the 25 minutes of ``make demo``).
     """
 
     fwp_rule: str = "linear"
