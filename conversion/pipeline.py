@@ -139,7 +139,7 @@ def save_final(student, tokenizer, folder, result: dict, base_model: str) -> Non
     folder = Path(folder)
     student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "results.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    (folder / "results.json").write_text(json.dumps(result, indent=1, default=str))
     (folder / "README.md").write_text(model_card(result, base_model))
 
 
