@@ -70,10 +70,11 @@ def _parse_keep(value: str):
 
 
 def _fwp_args(p: argparse.ArgumentParser) -> None:
+    from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
+
     g = p.add_argument_group("student layout")
-    g.add_argument("--rule", default="gated_delta", choices=["linear", "gated_linear", "delta", "gated_delta"])
-    g.add_argument("--feature-map", default="identity",
-                   choices=["identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r"])
+    g.add_argument("--rule", default="gated_delta", choices=FWP_RULES)
+    g.add_argument("--feature-map", default="identity", choices=FEATURE_MAPS)
     g.add_argument("--keep-softmax", default="none", type=str,
                    help="layers that stay softmax: all, none, every:K or a list like 0,5,11 (default none)")
     g.add_argument("--layer-type", default="linear_attention", choices=["linear_attention", "hybrid_sliding"],
