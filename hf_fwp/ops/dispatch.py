@@ -32,3 +32,8 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
     if backend == "triton" and not triton_available():
         raise ValueError(f"{op}: backend='triton' needs the `triton` package (Linux); use backend='chunk' instead.")
     return backend
+
+
+# The Triton delta rule's sequential passes hold the key dim as at most 4 register tiles of 64; wider keys take the
+# pure-torch chunk path under backend="auto".
+TRITON_DELTA_MAX_K = 256
