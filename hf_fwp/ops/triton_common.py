@@ -172,7 +172,8 @@ def chunk_output_kernel(q, k, x, gc, h, o, cu_seqlens, chunk_idx, scale,
         b_A += mma(b_q, b_k, DOT_DTYPE, DOT_PREC)
 
     o_i = tl.arange(0, BT)
-    causal = o_i[:, None] >= o_i[None, :]
+    # Rows past the sequence end are masked too: their zero-filled gates would make b_t - b_i > 0 there.
+    causal = (o_i[:, None] >= o_i[None, :]) & (i_t * BT + o_i < T)[:, None]
     if USE_G:
         b_g = load_vec(gc + bos * H + i_h, i_t * BT, T, H, BT)
         b_o *= tl.exp(b_g)[:, None]
@@ -211,7 +212,7 @@ def chunk_dv_kernel(q, k, do, gc, dh, dv, cu_seqlens, chunk_idx, scale,
             b_dv += mma(b_k, b_dh, DOT_DTYPE, DOT_PREC)
 
     o_i = tl.arange(0, BT)
-    anticausal = o_i[:, None] <= o_i[None, :]
+    anticausal = (o_i[:, None] <= o_i[None, :]) & (i_t * BT + o_i < T)[None, :]
     if USE_G:
         b_g, b_glast = chunk_gates(gc, bos, i_h, i_t, T, H, BT)
         if USE_DH:
@@ -264,7 +265,7 @@ def chunk_dqk_kernel(q, k, x, do, gc, h, dh, dx, dq, dk, dw, dB, cu_seqlens, chu
     b_q = load_tile(q + (bos * H + i_h) * K, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     b_k = load_tile(k + (bos * H + i_h) * K, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     o_i = tl.arange(0, BT)
-    causal = o_i[:, None] >= o_i[None, :]
+    causal = (o_i[:, None] >= o_i[None, :]) & (i_t * BT + o_i < T)[:, None]
     if USE_G:
         b_g, b_glast = chunk_gates(gc, bos, i_h, i_t, T, H, BT)
         b_dq *= tl.exp(b_g)[:, None]

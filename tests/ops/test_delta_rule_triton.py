@@ -68,7 +68,7 @@ def test_without_final_state(path, T):
         o, S = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], g=leaves["g"],
                   initial_state=leaves["initial_state"])
         assert S is None
-        (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
+        (o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum().backward()
         grads.append({"o": o.detach(), **{"d" + n: t.grad for n, t in leaves.items()}})
     assert_close(grads[0], grads[1], RTOL, path)
 
@@ -81,7 +81,7 @@ def test_gradient_through_final_state_only(path):
         leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
         _, S = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], g=leaves["g"],
                   initial_state=leaves["initial_state"], output_final_state=True)
-        (S * torch.linspace(-1, 1, S.numel()).view_as(S)).sum().backward()
+        (S * torch.linspace(-1, 1, S.numel(), device=S.device).view_as(S)).sum().backward()
         grads.append({"S": S.detach(), **{"d" + n: t.grad for n, t in leaves.items()}})
     # q only reads the state: the spec leaves it out of the graph, the kernels return zeros.
     assert grads[1].pop("dq") is None
@@ -113,10 +113,20 @@ def test_cu_seqlens_equals_separate_sequences(path, lengths):
     assert_close(run(PATHS[path], x, cu_seqlens=cu), run(naive_delta_rule, x, cu_seqlens=cu), RTOL, path)
 
 
-def test_refuses_float64_and_wide_keys():
+@pytest.mark.parametrize("K, V", [(256, 32), (128, 16), (32, 256)])
+def test_wide_heads(K, V):
+    # The sequential passes hold K as up to four 64-row register tiles; these cover 2 and 4 tiles and a wide V.
+    x = make_inputs(1, 70, 1, K, V, gate="mild", beta_max=2.0, initial_state=True, device=DEVICE, seed=11)
+    assert_close(run(triton_chunk_delta_rule, x), run(naive_delta_rule, x), RTOL, f"K={K} V={V}")
+
+
+def test_refuses_float64_and_too_wide_keys():
     x = make_inputs(1, 4, 1, 8, 8, beta_max=1.0, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="backend='chunk'"):
         triton_delta_rule(x["q"], x["k"], x["v"], x["beta"])
-    x = make_inputs(1, 4, 1, 160, 8, beta_max=1.0, device=DEVICE)
-    with pytest.raises(ValueError, match="K <= 128"):
+    x = make_inputs(1, 70, 1, 264, 8, beta_max=1.0, device=DEVICE)
+    with pytest.raises(ValueError, match="K <= 256"):
         triton_delta_rule(x["q"], x["k"], x["v"], x["beta"])
+    # The dispatcher's "auto" sends such keys to the pure-torch chunk path instead of failing.
+    o, _ = delta_rule(x["q"], x["k"], x["v"], x["beta"], backend="auto")
+    assert torch.allclose(o, naive_delta_rule(x["q"], x["k"], x["v"], x["beta"])[0], atol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
-from hf_fwp.ops.dispatch import resolve_backend
+from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, resolve_backend
 from hf_fwp.ops.utils import check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
@@ -40,7 +40,10 @@ def delta_rule(
     check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, backend, "delta_rule")
     kwargs = dict(g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
+    requested = backend
     backend = resolve_backend(backend, q, "delta_rule")
+    if requested == "auto" and backend == "triton" and q.shape[-1] > TRITON_DELTA_MAX_K and q.shape[1] > 64:
+        backend = "chunk"  # the chunked kernels hold at most 256 key columns per program
     if backend == "naive":
         return naive_delta_rule(q, k, v, beta, **kwargs)
     if backend == "chunk":
