@@ -22,7 +22,7 @@ attention, x = v for the delta rule) and the final state ``exp(B_T) S~_T``. So
 cumulative sum of that over the sequence (:func:`dg_from_terms`).
 
 Precision. bf16/fp16 inputs feed ``tl.dot`` in their own dtype with fp32 accumulation (tensor cores); fp32 inputs
-stay fp32-exact (``ieee``). States and every recurrence accumulate in fp32; stored chunk states use the compute
+keep fp32 accuracy (``tf32x3``: three tf32 tensor-core products). States and every recurrence accumulate in fp32; stored chunk states use the compute
 dtype (half the bytes for bf16). Under ``TRITON_INTERPRET=1`` bf16 dots are emulated in fp32.
 
 Launch configs. Each kernel has a list of candidate :class:`triton.Config`; the first is the safe one (it fits the
@@ -335,8 +335,9 @@ def dot_config(dtype: torch.dtype) -> dict:
     if dtype == torch.bfloat16 and triton_interpreted():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits; emulate them in fp32 there.
         dot_dtype = tl.float32
-    # fp32 inputs must stay fp32-exact (the default TF32 loses ~3 digits); half inputs ignore the setting.
-    return dict(DOT_DTYPE=dot_dtype, DOT_PREC="ieee" if dot_dtype == tl.float32 else None)
+    # fp32 inputs keep fp32 accuracy on tensor cores with three tf32 products (plain tf32 loses ~3 digits, and
+    # "ieee" falls back to CUDA-core FMAs that spill registers); half inputs ignore the setting.
+    return dict(DOT_DTYPE=dot_dtype, DOT_PREC="tf32x3" if dot_dtype == tl.float32 else None)
 
 
 def store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -349,8 +350,15 @@ def configs(*specs: tuple) -> list:
     return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in specs]
 
 
+def by_dtype(half: list, fp32: list):
+    """Config lists for half (bf16/fp16) and fp32 inputs: fp32 tiles split into three tf32 products need more
+    registers, so their safe config uses 8 warps and no software pipelining (shared memory)."""
+    return lambda dtype: fp32 if dtype == torch.float32 else half
+
+
 # Chunk-parallel kernels: tiles are fixed by the head dims; the tuner picks warps and pipelining depth.
-PARALLEL_CONFIGS = configs(({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 8, 3), ({}, 4, 1), ({}, 2, 2))
+parallel_configs = by_dtype(configs(({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 8, 3), ({}, 4, 1), ({}, 2, 2)),
+                            configs(({}, 8, 1), ({}, 4, 1), ({}, 8, 2)))
 # Tiny per-token kernels (cumsums): one warp is plenty.
 SCALAR_CONFIGS = configs(({}, 1, 1))
 
@@ -377,9 +385,11 @@ def launch(kernel, grid, cfgs: list, key: list[str], **args) -> None:
         cfg = cfgs[0]
         kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
-    tuner = _TUNERS.get(kernel)
+    # One tuner per kernel and config list (lists differ by input dtype and by clamped tile sizes).
+    tkey = (kernel, tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in cfgs))
+    tuner = _TUNERS.get(tkey)
     if tuner is None:
-        tuner = _TUNERS[kernel] = triton.autotune(configs=cfgs, key=key)(kernel)
+        tuner = _TUNERS[tkey] = triton.autotune(configs=cfgs, key=key)(kernel)
     tuner[grid](**args)
 
 
@@ -410,7 +420,7 @@ def chunk_output(q, k, x, gc, h, scale: float, seqs: Seqs) -> torch.Tensor:
     V = x.shape[-1]
     BK, BV = tile(K), tile(V)
     o = torch.empty_like(x)
-    launch(chunk_output_kernel, lambda m: (triton.cdiv(V, BV), seqs.NC, H), PARALLEL_CONFIGS,
+    launch(chunk_output_kernel, lambda m: (triton.cdiv(V, BV), seqs.NC, H), parallel_configs(q.dtype),
            ["H", "K", "V", "USE_G", "DOT_DTYPE"],
            q=q, k=k, x=x, gc=gc, h=h, o=o, cu_seqlens=seqs.cu_seqlens, chunk_idx=seqs.chunk_idx, scale=scale,
            H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV, USE_G=gc is not None, **dot_config(q.dtype))
@@ -423,7 +433,7 @@ def chunk_dv(q, k, do, gc, dh, scale: float, seqs: Seqs, out_dtype: torch.dtype 
     V = do.shape[-1]
     BK, BV = tile(K), tile(V)
     dv = torch.empty_like(do, dtype=out_dtype or do.dtype)
-    launch(chunk_dv_kernel, lambda m: (triton.cdiv(V, BV), seqs.NC, H), PARALLEL_CONFIGS,
+    launch(chunk_dv_kernel, lambda m: (triton.cdiv(V, BV), seqs.NC, H), parallel_configs(q.dtype),
            ["H", "K", "V", "USE_G", "USE_DH", "DOT_DTYPE"],
            q=q, k=k, do=do, gc=gc, dh=dh, dv=dv, cu_seqlens=seqs.cu_seqlens, chunk_idx=seqs.chunk_idx, scale=scale,
            H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV, USE_G=gc is not None, USE_DH=dh is not None,
@@ -442,7 +452,7 @@ def chunk_dqk(q, k, x, do, gc, h, dh, scale: float, seqs: Seqs, dx=None):
     dq, dk = torch.empty(T_all, H, K, **f32), torch.empty(T_all, H, K, **f32)
     dw = torch.empty(T_all, H, K, **f32) if dx is not None else None
     dB = torch.empty(NK, T_all, H, **f32) if gc is not None else None
-    launch(chunk_dqk_kernel, lambda m: (NK, seqs.NC, H), PARALLEL_CONFIGS,
+    launch(chunk_dqk_kernel, lambda m: (NK, seqs.NC, H), parallel_configs(q.dtype),
            ["H", "K", "V", "USE_G", "DELTA", "DOT_DTYPE"],
            q=q, k=k, x=x, do=do, gc=gc, h=h, dh=dh, dx=dx, dq=dq, dk=dk, dw=dw, dB=dB, cu_seqlens=seqs.cu_seqlens,
            chunk_idx=seqs.chunk_idx, scale=scale, T_all=T_all, H=H, K=K, V=V, BT=seqs.BT, BK=BK, BV=BV,

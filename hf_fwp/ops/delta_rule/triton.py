@@ -36,8 +36,8 @@ import triton.language as tl
 from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K
 from hf_fwp.ops.triton_common import (
     FUSED_MAX_LEN,
-    PARALLEL_CONFIGS,
     Seqs,
+    by_dtype,
     chunk_bounds,
     chunk_dqk,
     chunk_dv,
@@ -52,6 +52,7 @@ from hf_fwp.ops.triton_common import (
     load_tile,
     load_vec,
     mma,
+    parallel_configs,
     promote_qkv,
     refuse_float64,
     seq_bounds,
@@ -567,10 +568,13 @@ def wy_bwd_kernel(k, v, beta, gc, A, w, u, dw, du, dk_in, dk, dv, dbeta, dB, cu_
 
 # Sequential passes: BV sets the parallelism ((V / BV) * N * H programs) against the per-program work; the first
 # config is the one that fits every target (sm_86's 101 KB) at K = V = 256.
-STATE_CONFIGS = configs(({"BV": 32}, 4, 1), ({"BV": 32}, 4, 2), ({"BV": 64}, 4, 1), ({"BV": 64}, 4, 2),
-                        ({"BV": 16}, 4, 2), ({"BV": 32}, 4, 3), ({"BV": 64}, 8, 2))
+state_configs = by_dtype(
+    configs(({"BV": 32}, 4, 1), ({"BV": 32}, 4, 2), ({"BV": 64}, 4, 1), ({"BV": 64}, 4, 2), ({"BV": 16}, 4, 2),
+            ({"BV": 32}, 4, 3), ({"BV": 64}, 8, 2)),
+    configs(({"BV": 32}, 8, 1), ({"BV": 16}, 4, 1), ({"BV": 32}, 4, 1), ({"BV": 64}, 8, 1)))
 # The triangular solve keeps ten 16 x 16 fp32 tiles live and is latency-bound: few warps.
-SOLVE_CONFIGS = configs(({}, 4, 2), ({}, 2, 2), ({}, 4, 3), ({}, 8, 2), ({}, 4, 1))
+solve_configs = by_dtype(configs(({}, 4, 2), ({}, 2, 2), ({}, 4, 3), ({}, 8, 2), ({}, 4, 1)),
+                         configs(({}, 8, 1), ({}, 4, 1)))
 _KEY = ["H", "K", "V", "USE_G", "DOT_DTYPE"]
 
 
@@ -579,11 +583,11 @@ def kkt_solve(k, beta, gc, seqs: Seqs) -> torch.Tensor:
     _, H, K = k.shape
     dc = dot_config(k.dtype)
     A = k.new_empty(k.shape[0], H, seqs.BT, dtype=store_dtype(k.dtype))
-    launch(kkt_solve_kernel, lambda m: (seqs.NC, H), SOLVE_CONFIGS, ["H", "K", "USE_G", "DOT_DTYPE"],
+    launch(kkt_solve_kernel, lambda m: (seqs.NC, H), solve_configs(k.dtype), ["H", "K", "USE_G", "DOT_DTYPE"],
            k=k, beta=beta, gc=gc, A=A, cu_seqlens=seqs.cu_seqlens, chunk_idx=seqs.chunk_idx, H=H, K=K, BT=seqs.BT,
            BK=tile(K), USE_G=gc is not None, **dc,
-           # Half inputs: tf32 merges (the substitution itself is exact fp32); fp32 inputs stay exact.
-           SOLVE_PREC="ieee" if dc["DOT_PREC"] == "ieee" else "tf32")
+           # Half inputs: tf32 merges (the substitution itself is exact fp32); fp32 inputs keep fp32 accuracy.
+           SOLVE_PREC="tf32" if dc["DOT_PREC"] is None else dc["DOT_PREC"])
     return A
 
 
@@ -593,7 +597,7 @@ def recompute_wu(k, v, beta, gc, A, seqs: Seqs):
     V = v.shape[-1]
     sd = store_dtype(k.dtype)
     w, u = torch.empty_like(k, dtype=sd), torch.empty_like(v, dtype=sd)
-    launch(recompute_wu_kernel, lambda m: (seqs.NC, H), PARALLEL_CONFIGS, _KEY,
+    launch(recompute_wu_kernel, lambda m: (seqs.NC, H), parallel_configs(k.dtype), _KEY,
            k=k, v=v, beta=beta, gc=gc, A=A, w=w, u=u, cu_seqlens=seqs.cu_seqlens, chunk_idx=seqs.chunk_idx,
            H=H, K=K, V=V, BT=seqs.BT, BK=tile(K), BV=tile(V), USE_G=gc is not None, **dot_config(k.dtype))
     return w, u
@@ -607,8 +611,8 @@ def state_fwd(k, w, u, gc, h0, seqs: Seqs, store_final: bool):
     h = k.new_empty(seqs.NC, H, K, V, dtype=store_dtype(k.dtype))
     x = torch.empty_like(u)
     ht = k.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_final else None
-    launch(state_fwd_kernel, lambda m: (triton.cdiv(V, m["BV"]), seqs.N * H), STATE_CONFIGS, _KEY,
-           k=k, w=w, u=u, gc=gc, h=h, x=x, h0=h0, ht=ht, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
+    launch(state_fwd_kernel, lambda m: (triton.cdiv(V, m["BV"]), seqs.N * H), state_configs(k.dtype),
+           _KEY, k=k, w=w, u=u, gc=gc, h=h, x=x, h0=h0, ht=ht, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
            H=H, K=K, V=V, BT=seqs.BT, BK=tile(K), USE_G=gc is not None, USE_H0=h0 is not None,
            STORE_HT=store_final, **dot_config(k.dtype))
     return h, x, ht
@@ -621,8 +625,8 @@ def state_bwd(q, k, w, gc, do, dxl, dht, scale: float, seqs: Seqs, store_dh0: bo
     dh = q.new_empty(seqs.NC, H, K, V, dtype=store_dtype(q.dtype))
     dh0 = q.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_dh0 else None
     dx = torch.empty_like(dxl)
-    launch(state_bwd_kernel, lambda m: (triton.cdiv(V, m["BV"]), seqs.N * H), STATE_CONFIGS, _KEY,
-           q=q, k=k, w=w, gc=gc, do=do, dxl=dxl, dx=dx, dh=dh, dht=dht, dh0=dh0, cu_seqlens=seqs.cu_seqlens,
+    launch(state_bwd_kernel, lambda m: (triton.cdiv(V, m["BV"]), seqs.N * H), state_configs(q.dtype),
+           _KEY, q=q, k=k, w=w, gc=gc, do=do, dxl=dxl, dx=dx, dh=dh, dht=dht, dh0=dh0, cu_seqlens=seqs.cu_seqlens,
            chunk_offsets=seqs.chunk_offsets, scale=scale, H=H, K=K, V=V, BT=seqs.BT, BK=tile(K),
            USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=store_dh0, **dot_config(q.dtype))
     return dh, dh0, dx
@@ -636,7 +640,7 @@ def wy_bwd(k, v, beta, gc, A, w, u, dw, dx, dk_in, seqs: Seqs):
     dk, dv = torch.empty(T_all, H, K, **f32), torch.empty(T_all, H, V, **f32)
     dbeta = torch.empty(T_all, H, **f32)
     dB = torch.empty(T_all, H, **f32) if gc is not None else None
-    launch(wy_bwd_kernel, lambda m: (seqs.NC, H), PARALLEL_CONFIGS, _KEY,
+    launch(wy_bwd_kernel, lambda m: (seqs.NC, H), parallel_configs(k.dtype), _KEY,
            k=k, v=v, beta=beta, gc=gc, A=A, w=w, u=u, dw=dw, du=dx, dk_in=dk_in, dk=dk, dv=dv, dbeta=dbeta, dB=dB,
            cu_seqlens=seqs.cu_seqlens, chunk_idx=seqs.chunk_idx, T_all=T_all, H=H, K=K, V=V, BT=seqs.BT,
            BK=tile(K), BV=tile(V), USE_G=gc is not None, **dot_config(k.dtype))

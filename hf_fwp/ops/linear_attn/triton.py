@@ -27,6 +27,7 @@ import triton.language as tl
 from hf_fwp.ops.triton_common import (
     FUSED_MAX_LEN,
     Seqs,
+    by_dtype,
     chunk_dqk,
     chunk_gates,
     chunk_dv,
@@ -216,8 +217,10 @@ def _fused_recurrent_bwd_kernel(q, k, v, g, do, dq, dk, dv, h0, dht, dh0, cu_seq
 # ---------------------------------------------------------------------------------------------------------
 
 # The state passes split K and V; BK x BV sets both the parallelism and the register-resident state.
-STATE_CONFIGS = configs(({"BK": 64, "BV": 64}, 4, 1), ({"BK": 64, "BV": 64}, 4, 2), ({"BK": 32, "BV": 64}, 4, 2),
-                        ({"BK": 64, "BV": 32}, 4, 2), ({"BK": 32, "BV": 32}, 2, 2), ({"BK": 64, "BV": 64}, 8, 3))
+state_configs = by_dtype(
+    configs(({"BK": 64, "BV": 64}, 4, 1), ({"BK": 64, "BV": 64}, 4, 2), ({"BK": 32, "BV": 64}, 4, 2),
+            ({"BK": 64, "BV": 32}, 4, 2), ({"BK": 32, "BV": 32}, 2, 2), ({"BK": 64, "BV": 64}, 8, 3)),
+    configs(({"BK": 64, "BV": 64}, 8, 1), ({"BK": 32, "BV": 64}, 4, 1), ({"BK": 32, "BV": 32}, 4, 1)))
 _KEY = ["H", "K", "V", "USE_G", "DOT_DTYPE"]
 
 
@@ -242,7 +245,7 @@ def _chunk_state_fwd(k, v, gc, h0, seqs: Seqs, store_final: bool):
     V = v.shape[-1]
     h = k.new_empty(seqs.NC, H, K, V, dtype=store_dtype(k.dtype))
     ht = k.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_final else None
-    launch(_chunk_state_fwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, STATE_CONFIGS), _KEY,
+    launch(_chunk_state_fwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, state_configs(k.dtype)), _KEY,
            k=k, v=v, gc=gc, h=h, h0=h0, ht=ht, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
            H=H, K=K, V=V, BT=seqs.BT, USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=store_final,
            **dot_config(k.dtype))
@@ -256,7 +259,7 @@ def _chunk_state_bwd(q, do, gc, dht, scale: float, seqs: Seqs, store_dh0: bool):
     V = do.shape[-1]
     dh = q.new_empty(seqs.NC, H, K, V, dtype=store_dtype(q.dtype))
     dh0 = q.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_dh0 else None
-    launch(_chunk_state_bwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, STATE_CONFIGS), _KEY,
+    launch(_chunk_state_bwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, state_configs(q.dtype)), _KEY,
            q=q, do=do, gc=gc, dh=dh, dht=dht, dh0=dh0, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
            scale=scale, H=H, K=K, V=V, BT=seqs.BT, USE_G=gc is not None, USE_DHT=dht is not None,
            STORE_DH0=store_dh0, **dot_config(q.dtype))
