@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test demo ops-demo bench-cpu bench-gpu clean
+.PHONY: install test demo ops-demo bench-cpu bench-gpu bench-fit clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench-cpu: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/ops_gpu.py
+	$(PY) benchmarks/model_gpu.py
+
+# Shared memory / registers / spills of every Triton launch for sm_80, sm_86/89 and sm_90, compiled on CPU.
+bench-fit: $(STAMP)
+	$(PY) benchmarks/kernel_fit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

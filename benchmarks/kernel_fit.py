@@ -48,12 +48,13 @@ def main():
     ap.add_argument("--targets", type=int, nargs="+", default=[80, 86, 90])
     ap.add_argument("--dims", nargs="+", default=["64x64", "128x128", "256x256", "128x256", "256x128"])
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--families", nargs="+", default=["delta", "linear"], choices=["delta", "linear"])
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--out-name", default="kernel_fit")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     cases = [(int(d.split("x")[0]), int(d.split("x")[1]), dt) for dt in args.dtypes for d in args.dims]
-    rows = collect(cases, args.targets, args.all_configs)
+    rows = collect(cases, args.targets, args.all_configs, families=tuple(args.families))
     table, peaks = summary(rows)
     over = [r for r in rows if r["config"] == 0 and not r["fits"]]
     note = (f"Triton {triton.__version__}, compiled ahead of time on CPU with real-launch alignment hints; targets: "

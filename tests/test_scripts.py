@@ -34,6 +34,29 @@ def test_benchmarks_quick(tmp_path, script):
     assert any(p.suffix == ".png" for p in tmp_path.iterdir()) and any(p.suffix == ".md" for p in tmp_path.iterdir())
 
 
+def test_kernel_fit_table(tmp_path):
+    # Compiles ahead of time (no interpreter): one family, one shape, one target keep it short.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_fit.py"), "--families", "linear", "--dims",
+                          "64x64", "--dtypes", "bfloat16", "--targets", "86", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| linear._chunk_state_fwd_kernel | sm_86 |" in out.stdout
+    assert (tmp_path / "kernel_fit.md").exists() and (tmp_path / "kernel_fit.png").exists()
+
+
+@pytest.mark.parametrize("script", ["benchmarks/ops_gpu.py", "benchmarks/model_gpu.py"])
+def test_gpu_benchmarks_explain_themselves_without_a_gpu(script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the scripts would run their full benchmarks")
+    out = subprocess.run([sys.executable, str(ROOT / script)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr
+
+
 @pytest.mark.slow
 def test_linearize_smollm2_quick(tmp_path):
     """The real-model demo in its bounded form: SmolLM2-135M converted and distilled for a few steps."""

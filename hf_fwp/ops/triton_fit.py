@@ -157,7 +157,9 @@ def collect(cases, targets, all_configs=False, workers=None, families=("delta", 
                             if sig in seen:
                                 continue
                             seen.add(sig)
-                            meta = dict(family=family, kernel=spec["kernel"], K=K, V=V, dtype=dtype, gated=gated,
+                            # Kernels of triton_common serve both families: label them by where they live.
+                            owner = {"triton_common": "shared", "triton": family}[spec["module"].split(".")[-1]]
+                            meta = dict(family=owner, kernel=spec["kernel"], K=K, V=V, dtype=dtype, gated=gated,
                                         config=ci, cfg=f"{cfg.kwargs or ''} w{cfg.num_warps} s{cfg.num_stages}".strip())
                             for cc in targets:
                                 items.append((json.dumps(meta), spec, cc))

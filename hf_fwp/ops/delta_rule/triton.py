@@ -331,6 +331,35 @@ def recompute_wu_kernel(k, v, beta, gc, A, w, u, cu_seqlens, chunk_idx,
 
 
 @triton.jit
+def _load_state(p, c_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Columns ``[c_v, c_v + BV)`` of a ``[K, V]`` matrix at ``p`` as four ``[BK, BV]`` fp32 row tiles (zeros past
+    K): the register layout of the sequential passes."""
+    b_1 = load_tile(p, 0, c_v, K, V, V, 1, BK, BV).to(tl.float32)
+    b_2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > BK:
+        b_2 += load_tile(p, BK, c_v, K, V, V, 1, BK, BV)
+    if K > 2 * BK:
+        b_3 += load_tile(p, 2 * BK, c_v, K, V, V, 1, BK, BV)
+    if K > 3 * BK:
+        b_4 += load_tile(p, 3 * BK, c_v, K, V, V, 1, BK, BV)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
+def _store_state(p, b_1, b_2, b_3, b_4, c_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Inverse of :func:`_load_state` (tiles past K are not stored)."""
+    store_tile(p, b_1, 0, c_v, K, V, V, 1, BK, BV)
+    if K > BK:
+        store_tile(p, b_2, BK, c_v, K, V, V, 1, BK, BV)
+    if K > 2 * BK:
+        store_tile(p, b_3, 2 * BK, c_v, K, V, V, 1, BK, BV)
+    if K > 3 * BK:
+        store_tile(p, b_4, 3 * BK, c_v, K, V, V, 1, BK, BV)
+
+
+@triton.jit
 def state_fwd_kernel(k, w, u, gc, h, x, h0, ht, cu_seqlens, chunk_offsets,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -349,33 +378,23 @@ def state_fwd_kernel(k, w, u, gc, h, x, h0, ht, cu_seqlens, chunk_offsets,
     p_w = w + (bos * H + i_h) * K
     c_v = i_v * BV
 
-    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        p_h0 = h0 + i_nh.to(tl.int64) * K * V
-        b_h1 += load_tile(p_h0, 0, c_v, K, V, V, 1, BK, BV)
-        if K > BK:
-            b_h2 += load_tile(p_h0, BK, c_v, K, V, V, 1, BK, BV)
-        if K > 2 * BK:
-            b_h3 += load_tile(p_h0, 2 * BK, c_v, K, V, V, 1, BK, BV)
-        if K > 3 * BK:
-            b_h4 += load_tile(p_h0, 3 * BK, c_v, K, V, V, 1, BK, BV)
+        b_h1, b_h2, b_h3, b_h4 = _load_state(h0 + i_nh.to(tl.int64) * K * V, c_v, K, V, BK, BV)
+    else:
+        b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
     for i_t in range(NT):
         t0 = i_t * BT
-        p_h = h + ((boc + i_t) * H + i_h) * K * V
-        store_tile(p_h, b_h1, 0, c_v, K, V, V, 1, BK, BV)
+        _store_state(h + ((boc + i_t) * H + i_h) * K * V, b_h1, b_h2, b_h3, b_h4, c_v, K, V, BK, BV)
         b_x = load_tile(u + (bos * H + i_h) * V, t0, c_v, T, V, H * V, 1, BT, BV).to(tl.float32)
         b_x -= mma(load_tile(p_w, t0, 0, T, K, H * K, 1, BT, BK), b_h1, DOT_DTYPE, DOT_PREC)
         if K > BK:
-            store_tile(p_h, b_h2, BK, c_v, K, V, V, 1, BK, BV)
             b_x -= mma(load_tile(p_w, t0, BK, T, K, H * K, 1, BT, BK), b_h2, DOT_DTYPE, DOT_PREC)
         if K > 2 * BK:
-            store_tile(p_h, b_h3, 2 * BK, c_v, K, V, V, 1, BK, BV)
             b_x -= mma(load_tile(p_w, t0, 2 * BK, T, K, H * K, 1, BT, BK), b_h3, DOT_DTYPE, DOT_PREC)
         if K > 3 * BK:
-            store_tile(p_h, b_h4, 3 * BK, c_v, K, V, V, 1, BK, BV)
             b_x -= mma(load_tile(p_w, t0, 3 * BK, T, K, H * K, 1, BT, BK), b_h4, DOT_DTYPE, DOT_PREC)
         store_tile(x + (bos * H + i_h) * V, b_x, t0, c_v, T, V, H * V, 1, BT, BV)
         if USE_G:
@@ -395,14 +414,7 @@ def state_fwd_kernel(k, w, u, gc, h, x, h0, ht, cu_seqlens, chunk_offsets,
         if K > 3 * BK:
             b_h4 += mma(load_tile(p_k, 3 * BK, t0, K, T, 1, H * K, BK, BT), b_x, DOT_DTYPE, DOT_PREC)
     if STORE_HT:
-        p_ht = ht + i_nh.to(tl.int64) * K * V
-        store_tile(p_ht, b_h1, 0, c_v, K, V, V, 1, BK, BV)
-        if K > BK:
-            store_tile(p_ht, b_h2, BK, c_v, K, V, V, 1, BK, BV)
-        if K > 2 * BK:
-            store_tile(p_ht, b_h3, 2 * BK, c_v, K, V, V, 1, BK, BV)
-        if K > 3 * BK:
-            store_tile(p_ht, b_h4, 3 * BK, c_v, K, V, V, 1, BK, BV)
+        _store_state(ht + i_nh.to(tl.int64) * K * V, b_h1, b_h2, b_h3, b_h4, c_v, K, V, BK, BV)
 
 
 @triton.jit
@@ -437,33 +449,23 @@ def state_bwd_kernel(q, k, w, gc, do, dxl, dx, dh, dht, dh0, cu_seqlens, chunk_o
     c_v = i_v * BV
     o_i = tl.arange(0, BT)
 
-    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        p_dht = dht + i_nh.to(tl.int64) * K * V
-        b_dh1 += load_tile(p_dht, 0, c_v, K, V, V, 1, BK, BV)
-        if K > BK:
-            b_dh2 += load_tile(p_dht, BK, c_v, K, V, V, 1, BK, BV)
-        if K > 2 * BK:
-            b_dh3 += load_tile(p_dht, 2 * BK, c_v, K, V, V, 1, BK, BV)
-        if K > 3 * BK:
-            b_dh4 += load_tile(p_dht, 3 * BK, c_v, K, V, V, 1, BK, BV)
+        b_dh1, b_dh2, b_dh3, b_dh4 = _load_state(dht + i_nh.to(tl.int64) * K * V, c_v, K, V, BK, BV)
+    else:
+        b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+        b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     for i_s in range(NT):
         i_t = NT - 1 - i_s
         t0 = i_t * BT
-        p_dh = dh + ((boc + i_t) * H + i_h) * K * V
-        store_tile(p_dh, b_dh1, 0, c_v, K, V, V, 1, BK, BV)
+        _store_state(dh + ((boc + i_t) * H + i_h) * K * V, b_dh1, b_dh2, b_dh3, b_dh4, c_v, K, V, BK, BV)
         b_dx = mma(load_tile(p_k, t0, 0, T, K, H * K, 1, BT, BK), b_dh1, DOT_DTYPE, DOT_PREC)
         if K > BK:
-            store_tile(p_dh, b_dh2, BK, c_v, K, V, V, 1, BK, BV)
             b_dx += mma(load_tile(p_k, t0, BK, T, K, H * K, 1, BT, BK), b_dh2, DOT_DTYPE, DOT_PREC)
         if K > 2 * BK:
-            store_tile(p_dh, b_dh3, 2 * BK, c_v, K, V, V, 1, BK, BV)
             b_dx += mma(load_tile(p_k, t0, 2 * BK, T, K, H * K, 1, BT, BK), b_dh3, DOT_DTYPE, DOT_PREC)
         if K > 3 * BK:
-            store_tile(p_dh, b_dh4, 3 * BK, c_v, K, V, V, 1, BK, BV)
             b_dx += mma(load_tile(p_k, t0, 3 * BK, T, K, H * K, 1, BT, BK), b_dh4, DOT_DTYPE, DOT_PREC)
         b_qs = tl.full([BT], 1.0, dtype=tl.float32) * scale
         if USE_G:
@@ -488,14 +490,7 @@ def state_bwd_kernel(q, k, w, gc, do, dxl, dx, dh, dht, dh0, cu_seqlens, chunk_o
             b_dh4 = _state_bwd_step(b_dh4, p_q, p_w, 3 * BK, t0, T, b_qs, b_do, b_dx, H, K, BT, BK, DOT_DTYPE,
                                     DOT_PREC)
     if STORE_DH0:
-        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
-        store_tile(p_dh0, b_dh1, 0, c_v, K, V, V, 1, BK, BV)
-        if K > BK:
-            store_tile(p_dh0, b_dh2, BK, c_v, K, V, V, 1, BK, BV)
-        if K > 2 * BK:
-            store_tile(p_dh0, b_dh3, 2 * BK, c_v, K, V, V, 1, BK, BV)
-        if K > 3 * BK:
-            store_tile(p_dh0, b_dh4, 3 * BK, c_v, K, V, V, 1, BK, BV)
+        _store_state(dh0 + i_nh.to(tl.int64) * K * V, b_dh1, b_dh2, b_dh3, b_dh4, c_v, K, V, BK, BV)
 
 
 @triton.jit
