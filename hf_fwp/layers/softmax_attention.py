@@ -25,6 +25,8 @@ def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch
     if key_mask is None and window is None and L == T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return o.transpose(1, 2)
+    if window is not None and T > window and L - T < window:
+        return _banded_attention(q, k, v, window=window, key_mask=key_mask, dropout=dropout)
     total = past + T
     q_pos = torch.arange(past, total, device=q.device)[:, None]
     k_pos = torch.arange(total - L, total, device=q.device)[None, :]
@@ -37,6 +39,40 @@ def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch
         allowed = (allowed & key_mask[:, None, :].bool()) | (k_pos == q_pos)[None]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout)
     return o.transpose(1, 2)
+
+
+def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dropout: float):
+    """Sliding-window attention in blocks of ``window`` queries: block b sees only the 2 * window keys that end
+    with it, so the cost is O(T * window) instead of O(T * L) for a masked full product.
+
+    Shapes as in :func:`softmax_attention` with heads already matched; the last T of the L keys belong to the
+    queries and the ``L - T < window`` before them are cached. Query i of a block and key j of its key block
+    (which starts ``window`` positions before the query block) are allowed when ``i < j <= i + window``.
+    """
+    B, H, T, D = q.shape
+    L, w = k.shape[2], window
+    off = L - T  # cached keys before the first query
+    NB = -(-T // w)
+    # Key j of block b is key index off + b*w + j - w: pad w on the left, enough on the right for the last block.
+    right = NB * w + w - (L + w - off)
+
+    def blocks(x, fill=0.0):
+        x = F.pad(x, (0, 0, w - off, max(right, 0)), value=fill)  # now index 0 <-> key index off - w
+        return x.unfold(2, 2 * w, w).transpose(-1, -2)[:, :, :NB]  # [B, H, NB, 2w, D]
+
+    qb = F.pad(q, (0, 0, 0, NB * w - T)).view(B, H, NB, w, D)
+    i = torch.arange(w, device=q.device)[:, None]
+    j = torch.arange(2 * w, device=q.device)[None, :]
+    key_idx = off + torch.arange(NB, device=q.device)[:, None, None] * w + j[None] - w  # [NB, 1, 2w]
+    allowed = ((j > i) & (j <= i + w))[None] & (key_idx >= 0) & (key_idx < L)  # [NB, w, 2w]
+    allowed = allowed[None].expand(B, NB, w, 2 * w)
+    if key_mask is not None:
+        km = F.pad(key_mask.bool()[:, None, :, None], (0, 0, w - off, max(right, 0)), value=False)
+        km = km.unfold(2, 2 * w, w)[:, 0, :NB, 0]  # [B, NB, 2w]
+        # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
+        allowed = (allowed & km[:, :, None, :]) | (j == i + w)[None, None]
+    o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=allowed[:, None], dropout_p=dropout)
+    return o.reshape(B, H, NB * w, D)[:, :, :T].transpose(1, 2)
 
 
 class QKVProjections(nn.Module):

@@ -72,3 +72,27 @@ def test_norms():
     assert isinstance(build_norm("layer", 8, 1e-5), torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="Unknown norm_type"):
         build_norm("batch", 8, 1e-5)
+
+
+@pytest.mark.parametrize("T, window, cached", [(130, 16, 0), (65, 64, 0), (200, 64, 63), (40, 4, 3), (17, 16, 15)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window, cached, padded):
+    # Prefill longer than the window runs blocked (O(T * window)); the spec is the masked full product.
+    from hf_fwp.layers import softmax_attention as sa
+
+    gen = torch.Generator().manual_seed(T + window)
+    B, H, D, L = 2, 3, 8, T + cached
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for n in (T, L, L))
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(B, L)
+        key_mask[0, : min(L, 7)] = 0  # left padding, as in a batch of prompts of different lengths
+    total = cached + T
+    q_pos, k_pos = torch.arange(cached, total)[:, None], torch.arange(total - L, total)[None, :]
+    allowed = ((k_pos <= q_pos) & (k_pos > q_pos - window))[None].expand(B, T, L)
+    if padded:
+        allowed = (allowed & key_mask[:, None, :].bool()) | (k_pos == q_pos)[None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2)
+    assert T > window  # the blocked path is taken
+    out = sa.softmax_attention(q, k, v, past=cached, window=window, key_mask=key_mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
