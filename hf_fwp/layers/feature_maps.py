@@ -64,10 +64,22 @@ class FeatureMap(nn.Module):
             r = F.relu(torch.cat([x, -x], dim=-1))
             # nu = 1: elementwise products of the features with their neighbours (rolled by one).
             return r * r.roll(shifts=1, dims=-1)
-        y = torch.stack([layer(x[:, :, h]) for h, layer in enumerate(self.layers)], dim=2)
+        y = self._per_head_linear(x)
         if self.name == "t2r":
             return F.relu(y)
         return torch.softmax(torch.cat([y, -y], dim=-1).float(), dim=-1).to(x.dtype)
+
+    def _per_head_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``y[..., h, :] = layers[h](x[..., h, :])``: one batched product over the heads when the layers are plain
+        ``nn.Linear`` (a per-head loop costs 2 * H small matmuls per layer and token when decoding); the loop only
+        when a layer is wrapped (e.g. by a PEFT adapter), so the wrapper's forward runs."""
+        layers = self.layers
+        if all(type(layer) is nn.Linear for layer in layers):
+            y = torch.einsum("bthi,hoi->btho", x, torch.stack([layer.weight for layer in layers]))
+            if layers[0].bias is not None:
+                y = y + torch.stack([layer.bias for layer in layers])
+            return y
+        return torch.stack([layer(x[:, :, h]) for h, layer in enumerate(layers)], dim=2)
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}"

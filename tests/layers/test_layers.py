@@ -96,3 +96,29 @@ def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window
     assert T > window  # the blocked path is taken
     out = sa.softmax_attention(q, k, v, past=cached, window=window, key_mask=key_mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "t2r"])
+def test_learned_maps_batch_heads_unless_a_layer_is_wrapped(name):
+    fm = FeatureMap(name, num_heads=3, head_dim=4)
+    with torch.no_grad():
+        for layer in fm.layers:
+            layer.weight.normal_()
+            if layer.bias is not None:
+                layer.bias.normal_()
+    x = torch.randn(2, 5, 3, 4)
+    per_head = torch.stack([layer(x[:, :, h]) for h, layer in enumerate(fm.layers)], dim=2)
+    torch.testing.assert_close(fm._per_head_linear(x), per_head)
+
+    class Shifted(torch.nn.Module):  # stands in for a PEFT LoRA wrapper: its own forward must run
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, t):
+            return self.base(t) + 1.0
+
+    fm.layers[1] = Shifted(fm.layers[1])
+    y = fm._per_head_linear(x)
+    torch.testing.assert_close(y[:, :, 1], per_head[:, :, 1] + 1.0)
+    torch.testing.assert_close(y[:, :, 0], per_head[:, :, 0])
