@@ -32,10 +32,13 @@ from hf_fwp.conversion.pipeline import Recipe, run
 
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
-    "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity"),
+    # The layer layout is explicit: Recipe()'s defaults are the hybrid's (a 64-token softmax window in every layer).
+    "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity", fwp_layer_type="linear_attention",
+                          sliding_window=None),
     # Pure FWP with something to learn in attention transfer: a Hedgehog map (starts at softmax([x, -x])) before
     # the L2 norm, so stage 1 can shape the keys' similarities instead of fitting only gates and beta.
-    "gated_delta_hedgehog": Recipe(fwp_rule="gated_delta", feature_map="hedgehog"),
+    "gated_delta_hedgehog": Recipe(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention",
+                                   sliding_window=None),
     # LoLCATs-style: every layer mixes a 64-token softmax window with Hedgehog linear attention.
     "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64),
 }
