@@ -331,19 +331,24 @@ def recompute_wu_kernel(k, v, beta, gc, A, w, u, cu_seqlens, chunk_idx,
 
 
 @triton.jit
-def _load_state(p, c_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Columns ``[c_v, c_v + BV)`` of a ``[K, V]`` matrix at ``p`` as four ``[BK, BV]`` fp32 row tiles (zeros past
-    K): the register layout of the sequential passes."""
-    b_1 = load_tile(p, 0, c_v, K, V, V, 1, BK, BV).to(tl.float32)
+def _load_state(p, i_nh, c_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                LOAD: tl.constexpr):
+    """Columns ``[c_v, c_v + BV)`` of the ``[K, V]`` matrix ``i_nh`` of ``p`` (``[N * H, K, V]``) as four
+    ``[BK, BV]`` fp32 row tiles (zeros past K, all zeros without ``LOAD``): the register layout of the sequential
+    passes."""
+    b_1 = tl.zeros([BK, BV], dtype=tl.float32)
     b_2 = tl.zeros([BK, BV], dtype=tl.float32)
     b_3 = tl.zeros([BK, BV], dtype=tl.float32)
     b_4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > BK:
-        b_2 += load_tile(p, BK, c_v, K, V, V, 1, BK, BV)
-    if K > 2 * BK:
-        b_3 += load_tile(p, 2 * BK, c_v, K, V, V, 1, BK, BV)
-    if K > 3 * BK:
-        b_4 += load_tile(p, 3 * BK, c_v, K, V, V, 1, BK, BV)
+    if LOAD:
+        p_s = p + i_nh.to(tl.int64) * K * V
+        b_1 += load_tile(p_s, 0, c_v, K, V, V, 1, BK, BV)
+        if K > BK:
+            b_2 += load_tile(p_s, BK, c_v, K, V, V, 1, BK, BV)
+        if K > 2 * BK:
+            b_3 += load_tile(p_s, 2 * BK, c_v, K, V, V, 1, BK, BV)
+        if K > 3 * BK:
+            b_4 += load_tile(p_s, 3 * BK, c_v, K, V, V, 1, BK, BV)
     return b_1, b_2, b_3, b_4
 
 
@@ -378,13 +383,7 @@ def state_fwd_kernel(k, w, u, gc, h, x, h0, ht, cu_seqlens, chunk_offsets,
     p_w = w + (bos * H + i_h) * K
     c_v = i_v * BV
 
-    if USE_H0:
-        b_h1, b_h2, b_h3, b_h4 = _load_state(h0 + i_nh.to(tl.int64) * K * V, c_v, K, V, BK, BV)
-    else:
-        b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h1, b_h2, b_h3, b_h4 = _load_state(h0, i_nh, c_v, K, V, BK, BV, USE_H0)
     for i_t in range(NT):
         t0 = i_t * BT
         _store_state(h + ((boc + i_t) * H + i_h) * K * V, b_h1, b_h2, b_h3, b_h4, c_v, K, V, BK, BV)
@@ -449,13 +448,7 @@ def state_bwd_kernel(q, k, w, gc, do, dxl, dx, dh, dht, dh0, cu_seqlens, chunk_o
     c_v = i_v * BV
     o_i = tl.arange(0, BT)
 
-    if USE_DHT:
-        b_dh1, b_dh2, b_dh3, b_dh4 = _load_state(dht + i_nh.to(tl.int64) * K * V, c_v, K, V, BK, BV)
-    else:
-        b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
-        b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh1, b_dh2, b_dh3, b_dh4 = _load_state(dht, i_nh, c_v, K, V, BK, BV, USE_DHT)
     for i_s in range(NT):
         i_t = NT - 1 - i_s
         t0 = i_t * BT
