@@ -34,6 +34,12 @@ def test_benchmarks_quick(tmp_path, script):
     assert any(p.suffix == ".png" for p in tmp_path.iterdir()) and any(p.suffix == ".md" for p in tmp_path.iterdir())
 
 
+def test_student_speed_quick(tmp_path):
+    out = _run("benchmarks/student_speed.py", "--tiny", "--contexts", "32", "--steps", "2", "--out", str(tmp_path))
+    assert "| pure gated delta + hedgehog | 32 |" in out and "| teacher | 32 |" in out
+    assert (tmp_path / "student_speed.md").exists() and (tmp_path / "student_speed.png").exists()
+
+
 def test_kernel_fit_table(tmp_path):
     # Compiles ahead of time (no interpreter): one family, one shape, one target keep it short.
     import os
