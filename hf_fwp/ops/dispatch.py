@@ -34,6 +34,9 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
     return backend
 
 
+# Sequences up to this long run the Triton ops' fused recurrent kernels (any head dim), longer ones the chunked ones.
+TRITON_FUSED_MAX_LEN = 64
+
 # The Triton delta rule's sequential passes hold the key dim as at most 4 register tiles of 64; wider keys take the
 # pure-torch chunk path under backend="auto".
 TRITON_DELTA_MAX_K = 256

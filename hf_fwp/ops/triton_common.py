@@ -42,7 +42,6 @@ import triton.language as tl
 from hf_fwp.ops.utils import triton_interpreted
 
 BT = 64  # chunk length: 4 sub-blocks of 16 for the delta rule's triangular solve, tensor-core friendly
-FUSED_MAX_LEN = 64  # sequences up to this long use the fused recurrent kernels
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
-from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, resolve_backend
+from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, resolve_backend
 from hf_fwp.ops.utils import check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
@@ -42,8 +42,9 @@ def delta_rule(
                   cu_seqlens=cu_seqlens)
     requested = backend
     backend = resolve_backend(backend, q, "delta_rule")
-    if requested == "auto" and backend == "triton" and q.shape[-1] > TRITON_DELTA_MAX_K and q.shape[1] > 64:
-        backend = "chunk"  # the chunked kernels hold at most 256 key columns per program
+    wide = q.shape[-1] > TRITON_DELTA_MAX_K and q.shape[1] > TRITON_FUSED_MAX_LEN
+    if requested == "auto" and backend == "triton" and wide:
+        backend = "chunk"  # the chunked Triton kernels hold at most 256 key columns per program
     if backend == "naive":
         return naive_delta_rule(q, k, v, beta, **kwargs)
     if backend == "chunk":

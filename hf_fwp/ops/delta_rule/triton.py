@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K
+from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN
 from hf_fwp.ops.triton_common import (
-    FUSED_MAX_LEN,
     Seqs,
     by_dtype,
     chunk_bounds,
@@ -831,6 +830,6 @@ def triton_delta_rule(
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     else:
         longest = q.shape[1]
-    fn = fused_recurrent_delta_rule if longest <= FUSED_MAX_LEN else triton_chunk_delta_rule
+    fn = fused_recurrent_delta_rule if longest <= TRITON_FUSED_MAX_LEN else triton_chunk_delta_rule
     return fn(q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)

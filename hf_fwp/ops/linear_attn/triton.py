@@ -20,12 +20,14 @@ enter the rule only as ``exp(B_t) q_t`` and ``exp(-B_i) k_i``), plus ``<S_T, dS_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from hf_fwp.ops.dispatch import TRITON_FUSED_MAX_LEN
 from hf_fwp.ops.triton_common import (
-    FUSED_MAX_LEN,
     Seqs,
     by_dtype,
     chunk_dqk,
@@ -225,15 +227,19 @@ _KEY = ["H", "K", "V", "USE_G", "DOT_DTYPE"]
 
 
 def _state_grid(K: int, V: int, NH: int):
-    return lambda m: (triton.cdiv(K, min(m["BK"], tile(K))), triton.cdiv(V, min(m["BV"], tile(V))), NH)
+    return lambda m: (triton.cdiv(K, m["BK"]), triton.cdiv(V, m["BV"]), NH)
 
 
-def _state_tiles(K: int, V: int, cfgs: list) -> list:
-    """Clamp the configs' tiles to the head dims (a 64-wide tile over a 16-wide head only wastes registers)."""
-    out = []
-    for c in cfgs:
+@functools.lru_cache(maxsize=None)
+def _state_tiles(K: int, V: int, dtype: torch.dtype) -> list:
+    """The state configs for ``dtype`` with tiles clamped to the head dims (a 64-wide tile over a 16-wide head only
+    wastes registers), duplicates dropped; cached so each shape keeps one list (and one autotuner)."""
+    out, seen = [], set()
+    for c in state_configs(dtype):
         meta = {"BK": min(c.kwargs["BK"], tile(K)), "BV": min(c.kwargs["BV"], tile(V))}
-        if all(meta != o.kwargs or (c.num_warps, c.num_stages) != (o.num_warps, o.num_stages) for o in out):
+        key = (meta["BK"], meta["BV"], c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
             out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
     return out
 
@@ -245,7 +251,7 @@ def _chunk_state_fwd(k, v, gc, h0, seqs: Seqs, store_final: bool):
     V = v.shape[-1]
     h = k.new_empty(seqs.NC, H, K, V, dtype=store_dtype(k.dtype))
     ht = k.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_final else None
-    launch(_chunk_state_fwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, state_configs(k.dtype)), _KEY,
+    launch(_chunk_state_fwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, k.dtype), _KEY,
            k=k, v=v, gc=gc, h=h, h0=h0, ht=ht, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
            H=H, K=K, V=V, BT=seqs.BT, USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=store_final,
            **dot_config(k.dtype))
@@ -259,7 +265,7 @@ def _chunk_state_bwd(q, do, gc, dht, scale: float, seqs: Seqs, store_dh0: bool):
     V = do.shape[-1]
     dh = q.new_empty(seqs.NC, H, K, V, dtype=store_dtype(q.dtype))
     dh0 = q.new_empty(seqs.N, H, K, V, dtype=torch.float32) if store_dh0 else None
-    launch(_chunk_state_bwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, state_configs(q.dtype)), _KEY,
+    launch(_chunk_state_bwd_kernel, _state_grid(K, V, seqs.N * H), _state_tiles(K, V, q.dtype), _KEY,
            q=q, do=do, gc=gc, dh=dh, dht=dht, dh0=dh0, cu_seqlens=seqs.cu_seqlens, chunk_offsets=seqs.chunk_offsets,
            scale=scale, H=H, K=K, V=V, BT=seqs.BT, USE_G=gc is not None, USE_DHT=dht is not None,
            STORE_DH0=store_dh0, **dot_config(q.dtype))
@@ -439,5 +445,6 @@ def triton_linear_attention(
     :func:`fused_recurrent_linear_attention`."""
     B, T = q.shape[:2]
     seqs = Seqs(B, T, cu_seqlens, q.device)
-    fn = _FusedRecurrentLinearAttentionFunction if seqs.max_len <= FUSED_MAX_LEN else _ChunkLinearAttentionFunction
+    fused = seqs.max_len <= TRITON_FUSED_MAX_LEN
+    fn = _FusedRecurrentLinearAttentionFunction if fused else _ChunkLinearAttentionFunction
     return _run(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, seqs=seqs)
