@@ -5,7 +5,7 @@ Students are converted from the teacher with the recipes below and not trained: 
     python benchmarks/student_speed.py                         # SmolLM2-135M (bundled GGUF), contexts 128 / 1k / 4k
     python benchmarks/student_speed.py --tiny --contexts 64 128 # a small random Llama (smoke test)
 
-Prefill: one forward over the context (logits of the last token). Decode: mean ms per greedy token over
+Prefill: one forward over the context (logits of the last token). Decode: median ms per greedy token over
 ``--steps`` steps after the prefill (eager, batch 1). Cache: bytes the cache holds after the prefill. Writes
 ``results/student_speed.md`` and ``.png``.
 """
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_description, markdown_table  # noqa: E402
-from generation import cache_nbytes  # noqa: E402
+from generation import cache_nbytes, decode_ms_per_token, prefill  # noqa: E402
 
 RECIPES = {
     "hybrid (default recipe)": {},
@@ -47,20 +47,15 @@ def load(tiny: bool):
     return model, len(tok)
 
 
-@torch.no_grad()
 def measure(model, ctx: int, steps: int, vocab: int):
+    """-> prefill seconds, decode ms/token (median, after two warm-up steps) and cache bytes after the prefill."""
     ids = torch.randint(0, vocab, (1, ctx))
     t = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - t
-    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    cache, nxt = prefill(model, ids)
+    seconds = time.perf_counter() - t
     size = cache_nbytes(cache)  # before decoding grows a KV cache
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
-            t = time.perf_counter()
-        out = model(nxt, cache=cache, use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-    return prefill, (time.perf_counter() - t) / steps * 1e3, size
+    decode_ms_per_token(model, cache, nxt, 2)
+    return seconds, decode_ms_per_token(model, cache, nxt, steps), size
 
 
 def main():
@@ -91,7 +86,7 @@ def main():
     table = markdown_table(head, rows)
     what = "random tiny Llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)"
     note = (f"Teacher: {what}; students converted from it, untrained (same cost as trained). Batch 1, greedy, eager; "
-            f"decode = mean of {args.steps} steps after 2 warm-up steps. {machine_description()}. "
+            f"decode = median of {args.steps} steps after 2 warm-up steps. {machine_description()}. "
             "'vs teacher' is the teacher's time (or cache) over the model's: above 1 favours the model.")
     print("\n" + table + "\n\n" + note)
     args.out.mkdir(parents=True, exist_ok=True)
