@@ -23,7 +23,7 @@ from hf_fwp.layers.feature_maps import FeatureMap
 from hf_fwp.layers.fwp_attention import FWPAttention
 from hf_fwp.layers.norms import build_norm
 from hf_fwp.layers.rotary import RotaryEmbedding
-from hf_fwp.layers.softmax_attention import SoftmaxAttention
+from hf_fwp.layers.softmax_attention import SoftmaxAttention, attention_allowed
 
 from .configuration_fwp import FWPConfig
 
@@ -47,6 +47,12 @@ class FWPCache(DynamicCache):
     def crop(self, max_length: int):
         raise ValueError("FWPCache holds recurrent states that cannot be cropped; recompute from the prompt instead.")
 
+    @property
+    def is_compileable(self) -> bool:
+        # generate() compiles the decode step for any compileable cache on CUDA; like transformers' DynamicCache,
+        # the default cache opts out: ask for it with cache_implementation="static".
+        return False
+
 
 def _past_length(cache) -> int:
     if cache is None:
@@ -54,7 +60,7 @@ def _past_length(cache) -> int:
     if isinstance(cache, FWPCache):
         return cache.seen_tokens
     try:
-        return cache.get_seq_length()
+        return int(cache.get_seq_length())  # static caches count in a tensor
     except ValueError:
         raise ValueError(
             "This cache cannot tell how many tokens it has seen (all layers are recurrent). Pass an "
@@ -97,9 +103,9 @@ class FWPDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.mlp = FWPMLP(config)
 
-    def forward(self, hidden_states, position_embeddings=None, cache=None, past=0, attention_mask=None):
+    def forward(self, hidden_states, position_embeddings=None, cache=None, past=0, attention_mask=None, mask=None):
         h = self.self_attn(self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
-                           cache=cache, past=past, attention_mask=attention_mask)
+                           cache=cache, past=past, attention_mask=attention_mask, mask=mask)
         hidden_states = hidden_states + h
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -113,6 +119,8 @@ class FWPPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # Recurrent states cannot be cropped or rolled back (assisted decoding, cache cropping).
     _is_stateful = True
+    # The decode step has no graph break and no host sync (tests compile it with fullgraph=True).
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -126,11 +134,6 @@ class FWPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ShortConvolution):
             # PyTorch's own conv init: the generic normal(0.02) would all but silence a depthwise conv.
             nn.Conv1d.reset_parameters(module)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not build a plain DynamicCache: the model creates an FWPCache on the first step.
-        return False
 
 
 class FWPModel(FWPPreTrainedModel):
@@ -158,7 +161,8 @@ class FWPModel(FWPPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``attention_mask`` is 2-D, 1 for tokens and 0 for padding, covering either the new tokens ``[B, T]`` or
-        the cached ones too ``[B, past + T]`` (what ``generate`` passes)."""
+        the cached ones too ``[B, past + T]`` (what ``generate`` passes), or the dict of per-layer-kind masks that
+        :meth:`FWPForCausalLM.create_masks_for_generate` builds for compiled decoding."""
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
         if (input_ids is None) == (inputs_embeds is None):
@@ -171,20 +175,16 @@ class FWPModel(FWPPreTrainedModel):
             use_cache = False  # recomputed layers would write their cache entries twice
         if use_cache and cache is None:
             cache = FWPCache(self.config)
-        past = _past_length(cache)
+        ready = {}
+        if isinstance(attention_mask, dict):
+            ready, attention_mask = attention_mask, attention_mask.get("linear_attention")
+        softmax_layers = not ready and self.config.layer_types.count("linear_attention") < len(self.layers)
+        needs_positions = self.rotary_emb is not None or hasattr(self, "embed_positions")
+        # Only softmax layers and default positions need the cached length (an all-FWP cache may not know it).
+        past = _past_length(cache) if softmax_layers or (position_ids is None and needs_positions) else None
         if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(f"FWPModel: attention_mask must be 2-D [batch, length]; got {tuple(attention_mask.shape)}.")
-            if attention_mask.shape[1] == T and past:
-                attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
-            elif attention_mask.shape[1] != past + T:
-                raise ValueError(
-                    f"FWPModel: attention_mask has length {attention_mask.shape[1]}, expected {T} (new tokens) or "
-                    f"{past + T} (cached + new tokens)."
-                )
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: take the fast unmasked paths
-        if position_ids is None:
+            attention_mask = self._full_padding_mask(attention_mask, B, T, past, softmax_layers)
+        if position_ids is None and needs_positions:
             if attention_mask is not None:
                 # Left padding: positions count real tokens only, so a padded row matches the row alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
@@ -192,7 +192,7 @@ class FWPModel(FWPPreTrainedModel):
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         hidden_states = inputs_embeds
         if hasattr(self, "embed_positions"):
-            if int(position_ids.max()) >= self.config.max_position_embeddings:
+            if not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.max_position_embeddings:
                 raise ValueError(
                     f"FWPModel: position {int(position_ids.max())} is beyond max_position_embeddings "
                     f"({self.config.max_position_embeddings}) of the learned position table."
@@ -200,11 +200,36 @@ class FWPModel(FWPPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
         for layer in self.layers:
+            kind = "full_attention" if layer.layer_type == "full_attention" else "sliding_attention"
             hidden_states = layer(hidden_states, position_embeddings=position_embeddings, cache=cache, past=past,
-                                  attention_mask=attention_mask)
+                                  attention_mask=attention_mask, mask=ready.get(kind))
         if isinstance(cache, FWPCache):
             cache.seen_tokens += T
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+
+    @staticmethod
+    def _full_padding_mask(mask: torch.Tensor, B: int, T: int, past: int | None, softmax_layers: bool):
+        """Check a 2-D padding mask and return it as ``[B, past + T]`` (``[B, T]`` when only FWP layers read it),
+        or None when it masks nothing."""
+        if mask.dim() != 2:
+            raise ValueError(f"FWPModel: attention_mask must be 2-D [batch, length]; got {tuple(mask.shape)}.")
+        if past is None:
+            if mask.shape[1] < T:
+                raise ValueError(f"FWPModel: attention_mask has length {mask.shape[1]}, shorter than the {T} new tokens.")
+            mask = mask[:, -T:]
+        elif mask.shape[1] == T and past:
+            mask = torch.cat([mask.new_ones(B, past), mask], dim=1)
+        elif mask.shape[1] != past + T:
+            raise ValueError(
+                f"FWPModel: attention_mask has length {mask.shape[1]}, expected {T} (new tokens) or {past + T} "
+                f"(cached + new tokens)."
+            )
+        if T == 1 and not softmax_layers:
+            return None  # a single new token is never padding (as in transformers' recurrent masks)
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return None  # no padding: take the fast unmasked paths
+        return mask
 
 
 class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
@@ -243,6 +268,51 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """The default (dynamic) cache of ``generate`` is an :class:`FWPCache`, which counts the tokens it has seen;
+        ``cache_implementation="static"`` (and the rest) go to transformers, whose ``StaticCache`` maps every
+        layer type of ours to a fixed-address layer."""
+        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation in (None, "dynamic")):
+            model_kwargs["cache"] = FWPCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        step = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if step is not None and step.shape[1] == 1 and isinstance(inputs.get("attention_mask"), torch.Tensor):
+            if all(t == "linear_attention" for t in self.config.layer_types):
+                # FWP layers never read the mask of a single new token; a growing input would recompile the step.
+                inputs.pop("attention_mask")
+        return inputs
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        """Called by ``generate`` outside the compiled step, before every forward with a compileable (static) cache:
+        for a single-token step, build each softmax layer kind's 4-D mask here, so that the compiled graph holds no
+        mask logic and no host sync (the cached length is read here). Multi-token steps (prefill) run eagerly and
+        keep the 2-D mask, which the model turns into blocked sliding-window attention.
+
+        Returns ``{"linear_attention": None, "full_attention": [B, 1, 1, L], "sliding_attention": ...}`` for the
+        kinds the model has (``hybrid_sliding`` layers use the sliding mask)."""
+        B, T = inputs_embeds.shape[:2]
+        if T != 1 or cache is None:
+            return attention_mask
+        past = _past_length(cache)
+        if attention_mask is not None and (attention_mask.dim() != 2 or bool(attention_mask.all())):
+            attention_mask = None if attention_mask.dim() == 2 else attention_mask
+        masks = {"linear_attention": None}
+        for kind, window in (("full_attention", None), ("sliding_attention", config.sliding_window)):
+            kinds = ("full_attention",) if window is None else ("sliding_attention", "hybrid_sliding")
+            idx = next((i for i, t in enumerate(config.layer_types) if t in kinds), None)
+            if idx is None:
+                continue
+            L, kv_offset = cache.get_mask_sizes(T, idx)
+            allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window,
+                                        key_mask=attention_mask, device=inputs_embeds.device)
+            masks[kind] = allowed.expand(B, 1, T, L).contiguous()
+        return masks
 
 
 __all__ = ["FWPCache", "FWPModel", "FWPForCausalLM", "FWPPreTrainedModel"]

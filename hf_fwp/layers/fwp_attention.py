@@ -103,22 +103,23 @@ class FWPAttention(QKVProjections):
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
 
-    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None):
-        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None.
+    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None, mask=None):
+        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None; ``mask`` a ready
+        4-D mask for the softmax branch of a hybrid layer (see :meth:`SoftmaxBranch.forward`).
 
         Padding tokens never touch the state: their q/k/v are zeroed before the conv and their k, v, beta and
         log-decay after it, so a padded row computes exactly what the row computes alone.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        mask = None if attention_mask is None else attention_mask[:, -T:].to(x.dtype)
+        pad = None if attention_mask is None else attention_mask[:, -T:].to(x.dtype)
         q, k, v = self.project(x)
         S0, conv0 = read_fwp_state(cache, self.layer_idx)
         conv_state = None
         if hasattr(self, "conv"):
             qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
-            if mask is not None:
-                qkv = qkv * mask[..., None]
+            if pad is not None:
+                qkv = qkv * pad[..., None]
             qkv, conv_state = self.conv(qkv, conv0)
             qf, kf, vf = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
@@ -136,10 +137,10 @@ class FWPAttention(QKVProjections):
             g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         if self.config.normalize_attention:
             fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)
-        if mask is not None:
-            fk, fv = fk * mask[..., None, None], fv * mask[..., None, None]
-            beta = None if beta is None else beta * mask[..., None]
-            g = None if g is None else g * mask[..., None]
+        if pad is not None:
+            fk, fv = fk * pad[..., None, None], fv * pad[..., None, None]
+            beta = None if beta is None else beta * pad[..., None]
+            g = None if g is None else g * pad[..., None]
         scale = self.config.fwp_scale if self.config.fwp_scale is not None else self.feat_dim**-0.5
         kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
                       backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
@@ -156,7 +157,7 @@ class FWPAttention(QKVProjections):
             write_fwp_state(cache, self.layer_idx, S, conv_state)
         if hasattr(self, "softmax"):
             o_soft = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
-                                  key_mask=attention_mask)
+                                  key_mask=attention_mask, mask=mask)
             lam = torch.sigmoid(self.mix_logit).to(o.dtype)[:, None]
             o = (1 - lam) * o_soft + lam * o
         return self.o_proj(o.reshape(B, T, H * D))

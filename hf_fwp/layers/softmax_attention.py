@@ -10,34 +10,59 @@ from hf_fwp.layers.norms import RMSNorm
 from hf_fwp.layers.rotary import apply_rotary
 
 
-def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch.Tensor | None, dropout: float = 0.0):
+def attention_allowed(B: int, T: int, L: int, *, past, kv_offset, window: int | None,
+                      key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Which keys each query may see: bool ``[B or 1, 1, T, L]`` for SDPA.
+
+    Query t is the token at absolute position ``past + t``; key j is the token at ``kv_offset + j`` (what a cache
+    layer's ``get_mask_sizes`` reports before its update: a dynamic cache returns the last keys, a static one its
+    whole buffer, whose slots past the current token are excluded by causality). ``window`` w lets a query see
+    keys in ``(pos - w, pos]``. ``key_mask`` ``[B, past + T]`` marks real (1) vs padding (0) tokens by absolute
+    position. ``past`` and ``kv_offset`` may be ints or 0-dim tensors (static caches count in tensors).
+    """
+    q_pos = torch.arange(T, device=device)[:, None] + past
+    k_pos = torch.arange(L, device=device)[None, :] + kv_offset
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None]
+    if key_mask is not None:
+        # Slots beyond the current token (static buffers) are already excluded; clamp to index the mask.
+        real = key_mask.bool().gather(1, k_pos.clamp(0, key_mask.shape[1] - 1).expand(B, L))
+        # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
+        allowed = (allowed & real[:, None, :]) | (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch.Tensor | None,
+                      kv_offset: int | None = None, mask: torch.Tensor | None = None, dropout: float = 0.0):
     """Causal softmax attention over cached keys.
 
-    q ``[B, Hq, T, D]``; k, v ``[B, Hkv, L, D]`` hold the last L tokens of ``past + T`` (a sliding cache may
-    hold fewer than all); ``key_mask`` ``[B, L]`` marks real (1) vs padding (0) keys; ``window`` w lets query t see
-    keys in ``(t - w, t]``. Returns ``[B, T, Hq, D]``.
+    q ``[B, Hq, T, D]`` are the tokens at positions ``past .. past + T - 1``; k, v ``[B, Hkv, L, D]`` are the
+    tokens from position ``kv_offset`` on (default ``past + T - L``: the last L tokens, as a dynamic cache returns
+    them). ``key_mask`` ``[B, past + T]`` marks real (1) vs padding (0) tokens; ``window`` w lets query t see keys in
+    ``(t - w, t]``. ``mask``, when given, is a ready bool ``[B, 1, T, L]`` mask (built outside a compiled decode
+    step by :func:`attention_allowed`) and replaces all of that. Returns ``[B, T, Hq, D]``.
     """
     B, Hq, T, D = q.shape
     L = k.shape[2]
     if Hq != k.shape[1]:
         k = k.repeat_interleave(Hq // k.shape[1], dim=1)
         v = v.repeat_interleave(Hq // v.shape[1], dim=1)
-    if key_mask is None and window is None and L == T:
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2)
+    last_keys = kv_offset is None or kv_offset + L == past + T
+    if kv_offset is None:
+        kv_offset = past + T - L
+    if key_mask is None and window is None and L == T and last_keys:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return o.transpose(1, 2)
-    if window is not None and T > window and L - T < window:
+    if window is not None and T > window and L - T < window and last_keys:
+        key_mask = None if key_mask is None else key_mask[:, -L:]
         return _banded_attention(q, k, v, window=window, key_mask=key_mask, dropout=dropout)
-    total = past + T
-    q_pos = torch.arange(past, total, device=q.device)[:, None]
-    k_pos = torch.arange(total - L, total, device=q.device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed = allowed & (k_pos > q_pos - window)
-    allowed = allowed[None].expand(B, T, L)
-    if key_mask is not None:
-        # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
-        allowed = (allowed & key_mask[:, None, :].bool()) | (k_pos == q_pos)[None]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout)
+    allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window, key_mask=key_mask,
+                                device=q.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
     return o.transpose(1, 2)
 
 
@@ -107,20 +132,23 @@ class SoftmaxBranch(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, q, k, v, *, position_embeddings, cache, past: int, key_mask):
-        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` -> ``[B, T, H, D]``."""
+    def forward(self, q, k, v, *, position_embeddings, cache, past, key_mask, mask=None):
+        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` -> ``[B, T, H, D]``. ``key_mask`` ``[B, past + T]`` or None;
+        ``mask`` a ready 4-D mask for the keys the cache returns (then ``past`` and ``key_mask`` are unused)."""
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv_offset = None
         if cache is not None:
+            if mask is None:
+                # Where the returned keys start: static caches return whole buffers, sliding ones the window.
+                kv_offset = cache.get_mask_sizes(q.shape[2], self.layer_idx)[1]
             k, v = cache.update(k, v, self.layer_idx)
-        if key_mask is not None:
-            key_mask = key_mask[:, -k.shape[2]:]
-        return softmax_attention(q, k, v, past=past, window=self.window, key_mask=key_mask,
-                                 dropout=self.dropout if self.training else 0.0)
+        return softmax_attention(q, k, v, past=past, window=self.window, key_mask=key_mask, kv_offset=kv_offset,
+                                 mask=mask, dropout=self.dropout if self.training else 0.0)
 
 
 class SoftmaxAttention(QKVProjections):
@@ -131,10 +159,11 @@ class SoftmaxAttention(QKVProjections):
         self.layer_idx = layer_idx
         self.softmax = SoftmaxBranch(config, layer_idx, window)
 
-    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None):
-        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None."""
+    def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None, mask=None):
+        """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None; ``mask`` a
+        ready 4-D mask (see :meth:`SoftmaxBranch.forward`)."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         o = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
-                         key_mask=attention_mask)
+                         key_mask=attention_mask, mask=mask)
         return self.o_proj(o.reshape(B, T, -1))

@@ -1,0 +1,100 @@
+"""Static caches and compiled decoding with transformers' own machinery (``cache_implementation="static"``,
+``compile_config``): same tokens as the eager dynamic path for every rule and layer layout, left padding included."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import CompileConfig, StaticCache
+
+from hf_fwp import FWPCache
+from tests.modeling.helpers import LAYOUTS, rel_err, tiny_model
+
+RULES = ["linear", "gated_linear", "delta", "gated_delta"]
+
+
+def _padded_batch():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _compile_config(backend: str) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, backend=backend, mode="default" if backend == "inductor" else None)
+    config._compile_all_devices = True  # generate() compiles on CUDA only unless told otherwise
+    return config
+
+
+def test_the_model_declares_what_transformers_checks_before_compiling():
+    model = tiny_model(layout="hybrid")
+    assert model._can_compile_fullgraph and model._is_stateful
+    assert StaticCache(config=model.config, max_cache_len=16).is_compileable
+    # The default cache is dynamic: generate() must not compile it behind the user's back.
+    assert not FWPCache(model.config).is_compileable
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_static_cache_generates_the_dynamic_tokens(rule, layout):
+    model = tiny_model(rule=rule, layout=layout)
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert isinstance(out.cache, StaticCache)
+    assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_static_cache_keeps_its_buffers_and_matches_the_full_forward(layout):
+    # A user-driven loop (no generate): prefill, then one token at a time into fixed-address buffers.
+    model = tiny_model(layout=layout, rule="gated_delta")
+    ids = torch.randint(3, 64, (2, 14))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        full = model(ids).logits
+        pieces = [model(ids[:, :9], cache=cache, use_cache=True).logits]
+        buffers = {}
+        for i, layer in enumerate(cache.layers):
+            for name in ("recurrent_states", "conv_states"):
+                if getattr(layer, name, {}).get(0) is not None:
+                    buffers[i, name] = getattr(layer, name)[0].data_ptr()
+            if getattr(layer, "keys", None) is not None:
+                buffers[i, "keys"] = layer.keys.data_ptr()
+        for t in range(9, 14):
+            pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True,
+                                position_ids=torch.full((2, 1), t)).logits)
+    assert buffers and any(name == "recurrent_states" for _, name in buffers)
+    for (i, name), ptr in buffers.items():
+        tensor = getattr(cache.layers[i], name)
+        assert (tensor[0] if isinstance(tensor, dict) else tensor).data_ptr() == ptr, (i, name)
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-4
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_compiled_decode_is_one_graph_and_gives_the_eager_tokens(rule, layout):
+    # fullgraph=True: a graph break (a host sync such as .item() or bool(tensor), an untraceable call) is an error.
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(rule=rule, layout=layout)
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"), **kwargs)
+    assert torch.equal(compiled, expected)
+    # Decode steps reuse the graph: at most one re-trace (transformers' sliding layers count tokens in an int).
+    assert 1 <= counters["stats"]["unique_graphs"] <= (1 if layout == "fwp" else 2)
+
+
+@pytest.mark.parametrize("layout", ["fwp", "lolcats"])
+def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
+    # The real compiler on CPU (C++ codegen): generated code, not only the traced graph, must give the same tokens.
+    torch._dynamo.reset()
+    model = tiny_model(layout=layout, rule="gated_delta")
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("inductor"), **kwargs)
+    assert torch.equal(compiled, expected)
