@@ -75,11 +75,23 @@ class FeatureMap(nn.Module):
         when a layer is wrapped (e.g. by a PEFT adapter), so the wrapper's forward runs."""
         layers = self.layers
         if all(type(layer) is nn.Linear for layer in layers):
-            y = torch.einsum("bthi,hoi->btho", x, torch.stack([layer.weight for layer in layers]))
+            y = torch.einsum("bthi,hoi->btho", x, self._stacked("weight"))
             if layers[0].bias is not None:
-                y = y + torch.stack([layer.bias for layer in layers])
+                y = y + self._stacked("bias")
             return y
         return torch.stack([layer(x[:, :, h]) for h, layer in enumerate(layers)], dim=2)
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        """The heads' ``weight`` or ``bias`` stacked ``[H, ...]``. Without autograd (decoding) the stack is kept
+        until a parameter moves or changes (its storage or version counter), not rebuilt for every token."""
+        params = [getattr(layer, name) for layer in self.layers]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.stack(params)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, torch.stack(params))
+        return cache[name][1]
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}"

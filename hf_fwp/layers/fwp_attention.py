@@ -17,6 +17,7 @@ from hf_fwp.layers.feature_maps import FeatureMap, feature_dim
 from hf_fwp.layers.norms import GatedRMSNorm
 from hf_fwp.layers.softmax_attention import QKVProjections, SoftmaxBranch
 from hf_fwp.ops import delta_rule, linear_attention
+from hf_fwp.ops.step import fwp_step
 
 
 def read_fwp_state(cache, layer_idx: int):
@@ -31,13 +32,16 @@ def read_fwp_state(cache, layer_idx: int):
     return S, conv
 
 
-def write_fwp_state(cache, layer_idx: int, S: torch.Tensor, conv: torch.Tensor | None) -> None:
-    """Store the new states in place (static addresses, as transformers' linear-attention layers expect)."""
+def write_fwp_state(cache, layer_idx: int, S: torch.Tensor | None, conv: torch.Tensor | None) -> None:
+    """Store the new states in place (static addresses, as transformers' linear-attention layers expect); S None
+    means the state was already updated in its buffer."""
     layer = cache.layers[layer_idx]
     if conv is not None:
         if not layer.is_conv_states_initialized[0]:
             layer.lazy_initialization(conv_states=conv)
         layer.conv_states[0].copy_(conv.detach())
+    if S is None:
+        return
     if not layer.is_recurrent_states_initialized[0]:
         layer.lazy_initialization(recurrent_states=S)
     layer.recurrent_states[0].copy_(S.detach())
@@ -126,9 +130,12 @@ class FWPAttention(QKVProjections):
         else:
             fq, fk, fv = q, k, v
         if Hkv != H:
-            fk, fv = fk.repeat_interleave(H // Hkv, dim=2), fv.repeat_interleave(H // Hkv, dim=2)
+            # Query head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).
+            fk, fv = (t[:, :, :, None].expand(B, T, Hkv, H // Hkv, D).reshape(B, T, H, D) for t in (fk, fv))
         fq, fk = self.feature_map_q(fq), self.feature_map_k(fk)
-        if self.config.qk_l2norm:
+        # Decoding: one token into the cached state, updated in place by a single fused step (no state copies).
+        step = T == 1 and S0 is not None and not torch.is_grad_enabled()
+        if self.config.qk_l2norm and not step:
             fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
         beta = g = None
         if hasattr(self, "b_proj"):
@@ -144,7 +151,11 @@ class FWPAttention(QKVProjections):
         scale = self.config.fwp_scale if self.config.fwp_scale is not None else self.feat_dim**-0.5
         kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
                       backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
-        if beta is None:
+        if step:
+            backend = {"naive": "torch", "chunk": "torch"}.get(self.config.fwp_backend, self.config.fwp_backend)
+            o, S = fwp_step(fq, fk, fv, S0, beta=beta, g=g, scale=scale, qk_l2norm=self.config.qk_l2norm,
+                            backend=backend), None
+        elif beta is None:
             o, S = linear_attention(fq, fk, fv, **kwargs)
         else:
             o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
@@ -158,6 +169,5 @@ class FWPAttention(QKVProjections):
         if hasattr(self, "softmax"):
             o_soft = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
                                   key_mask=attention_mask, mask=mask)
-            lam = torch.sigmoid(self.mix_logit).to(o.dtype)[:, None]
-            o = (1 - lam) * o_soft + lam * o
+            o = torch.lerp(o_soft, o, torch.sigmoid(self.mix_logit).to(o.dtype)[:, None])  # (1 - lam) soft + lam fwp
         return self.o_proj(o.reshape(B, T, H * D))

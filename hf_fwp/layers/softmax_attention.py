@@ -46,24 +46,23 @@ def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch
     """
     B, Hq, T, D = q.shape
     L = k.shape[2]
-    if Hq != k.shape[1]:
-        k = k.repeat_interleave(Hq // k.shape[1], dim=1)
-        v = v.repeat_interleave(Hq // v.shape[1], dim=1)
+    sdpa = dict(dropout_p=dropout, enable_gqa=Hq != k.shape[1])  # grouped heads without copying k and v
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa).transpose(1, 2)
     last_keys = kv_offset is None or kv_offset + L == past + T
     if kv_offset is None:
         kv_offset = past + T - L
-    if key_mask is None and window is None and L == T and last_keys:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        return o.transpose(1, 2)
+    if key_mask is None and last_keys and ((window is None and L == T) or (T == 1 and (window is None or L <= window))):
+        # Plain causal attention over the last keys, or a decoded token that sees all of them: no mask to build.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **sdpa).transpose(1, 2)
     if window is not None and T > window and L - T < window and last_keys:
         key_mask = None if key_mask is None else key_mask[:, -L:]
+        if Hq != k.shape[1]:
+            k, v = (x.repeat_interleave(Hq // x.shape[1], dim=1) for x in (k, v))
         return _banded_attention(q, k, v, window=window, key_mask=key_mask, dropout=dropout)
     allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window, key_mask=key_mask,
                                 device=q.device)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-    return o.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **sdpa).transpose(1, 2)
 
 
 def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dropout: float):

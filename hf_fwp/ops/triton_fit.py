@@ -10,7 +10,7 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` 
 
     python -m hf_fwp.ops.triton_fit --targets 80 86 90 --dims 64x64 128x128 256x256 128x256 256x128
 
-prints one row per (kernel, shape, dtype, gates, target) for the first (safe) config and, with ``--all-configs``,
+prints one row per (kernel, shape, dtype, gates, target) -- chunked, fused recurrent and decoding-step kernels -- for the first (safe) config and, with ``--all-configs``,
 for every autotune candidate. ``--json FILE`` writes the rows. Exit status 1 when a safe config does not fit.
 """
 
@@ -43,6 +43,20 @@ def _record(family: str, K: int, V: int, dtype: str, gated: bool, path: str) -> 
 
     # Realistic sizes for the integer arguments' alignment (T = 4096, H = 16); fused paths run short sequences.
     B, H = 1, 16
+    if path == "step":  # the decoding step: one token, forward only, state updated in place
+        from hf_fwp.ops.step.triton import triton_fwp_step
+
+        dt = getattr(torch, dtype)
+        q, k, v = torch.zeros(B, 1, H, K, dtype=dt), torch.zeros(B, 1, H, K, dtype=dt), torch.zeros(B, 1, H, V, dtype=dt)
+        gates = torch.zeros(B, 1, H, dtype=dt)
+        triton_common.RECORDER = []
+        try:
+            with torch.no_grad():
+                triton_fwp_step(q, k, v, torch.zeros(B, H, K, V), beta=gates if family == "delta" else None,
+                                g=gates if gated else None, scale=1.0, qk_l2norm=True)
+            return triton_common.RECORDER
+        finally:
+            triton_common.RECORDER = None
     T = 4096 if path == "chunk" else 64
     dt = getattr(torch, dtype)
     with torch.no_grad():
@@ -148,7 +162,7 @@ def collect(cases, targets, all_configs=False, workers=None, families=("delta", 
     for family in families:
         for K, V, dtype in cases:
             for gated in (False, True):
-                for path in ("chunk", "fused"):
+                for path in ("chunk", "fused", "step"):
                     for kernel, args, cfgs in _record(family, K, V, dtype, gated, path):
                         for ci, cfg in enumerate(cfgs if all_configs else cfgs[:1]):
                             spec = _spec(kernel, args, cfg)

@@ -122,3 +122,20 @@ def test_learned_maps_batch_heads_unless_a_layer_is_wrapped(name):
     y = fm._per_head_linear(x)
     torch.testing.assert_close(y[:, :, 1], per_head[:, :, 1] + 1.0)
     torch.testing.assert_close(y[:, :, 0], per_head[:, :, 0])
+
+
+def test_learned_maps_restack_their_weights_when_they_change():
+    # Decoding keeps the stacked head weights between tokens; a changed or moved weight must be picked up.
+    fm = FeatureMap("t2r", num_heads=2, head_dim=4)
+    x = torch.randn(1, 1, 2, 4)
+    with torch.no_grad():
+        before = fm(x)
+        fm.layers[1].weight.mul_(-1.0)
+        fm.layers[0].bias.add_(1.0)
+        after = fm(x)
+        expected = torch.stack([torch.relu(layer(x[:, :, h])) for h, layer in enumerate(fm.layers)], dim=2)
+    torch.testing.assert_close(after, expected)
+    assert not torch.equal(before, after)
+    fm.load_state_dict({n: torch.zeros_like(p) for n, p in fm.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(fm(x), torch.zeros_like(x))

@@ -98,3 +98,25 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
     expected = model.generate(ids, **kwargs)
     compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("inductor"), **kwargs)
     assert torch.equal(compiled, expected)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rule", RULES)
+def test_triton_backend_decodes_like_the_torch_path(rule):
+    # The Triton step (the interpreter without a GPU) inside the model: same logits as the torch step, and
+    # generate(cache_implementation="static") with a fullgraph compile keeps it as one opaque op.
+    ids, mask = _padded_batch()
+    eager = tiny_model(rule=rule, layout="lolcats")
+    triton_model = tiny_model(rule=rule, layout="lolcats", fwp_backend="triton")
+    with torch.no_grad():
+        a = eager(ids[:, :6], use_cache=True)
+        b = triton_model(ids[:, :6], use_cache=True)
+        steps = [(eager(ids[:, t : t + 1], cache=a.cache).logits, triton_model(ids[:, t : t + 1], cache=b.cache).logits)
+                 for t in range(6, 9)]
+    for x, y in steps:
+        assert rel_err(y, x) < 1e-4
+    torch._dynamo.reset()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    compiled = triton_model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"),
+                                     **kwargs)
+    assert torch.equal(compiled, eager.generate(ids, **kwargs))

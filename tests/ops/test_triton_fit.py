@@ -2,7 +2,7 @@
 
 For both families, head dims 128 and 256 (and K != V; fp32 at K = V only, its tiles do not depend on the shape
 otherwise), bf16 and fp32, gated and ungated, with initial and final
-states, forward and backward, chunked and fused recurrent: each launch's safe config (the one the interpreter and
+states, forward and backward, chunked, fused recurrent and the decoding step: each launch's safe config (the one the interpreter and
 ``HF_FWP_AUTOTUNE=0`` use, and the floor of the autotuner's list) must need no more shared memory per block than
 sm_86/sm_89 allow (101,376 B, the smallest limit; sm_80's 166,912 B follows from it since both compile through the
 same mma.sync path) and sm_90 (232,448 B), and bf16 inputs must reach half-precision tensor-core instructions.
@@ -34,6 +34,8 @@ EXPECTED = {
                "_chunk_state_bwd_kernel", "chunk_local_cumsum_kernel", "reverse_cumsum_kernel",
                "_fused_recurrent_fwd_kernel", "_fused_recurrent_bwd_kernel"},
 }
+for _kernels in EXPECTED.values():
+    _kernels.add("fwp_step_kernel")  # the decoding step, one kernel with a constexpr variant per rule
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +97,12 @@ def test_an_oversized_config_is_reported():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["shared"] > SMEM_LIMIT[86], res
+
+
+def test_the_decoding_step_keeps_its_state_in_registers(rows):
+    rows, _ = rows
+    step = [r for r in rows if r["kernel"] == "fwp_step_kernel"]
+    assert {(r["K"], r["family"]) for r in step} >= {(256, "delta"), (256, "linear"), (128, "delta")}
+    # The state block is read once and written once per token: a spill would double that traffic.
+    spilled = [f"K={r['K']} V={r['V']} {r['dtype']} sm_{r['cc']}: {r['local']} B" for r in step if r["local"]]
+    assert not spilled, spilled

@@ -1,0 +1,65 @@
+"""One decoding step of any FWP rule with the state updated in place (:func:`fwp_step`).
+
+Generation calls it for every FWP layer and token, so it is built for that: no allocation of the state's size,
+no host sync, no autotuning (safe inside CUDA graphs and ``torch.compile(fullgraph=True)``), and on CUDA a single
+Triton kernel per layer that also L2-normalises q and k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_fwp.ops.dispatch import triton_available
+from hf_fwp.ops.step.reference import torch_fwp_step
+
+__all__ = ["fwp_step", "torch_fwp_step"]
+
+
+def fwp_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One token of the rule given by ``beta`` (delta rules when given) and ``g`` (gated rules when given).
+
+    Args:
+        q, k: ``[B, 1, H, K]``; v: ``[B, 1, H, V]``; beta, g: ``[B, 1, H]`` or None (g <= 0 is a log-decay).
+        state: ``[B, H, K, V]`` contiguous float32, **updated in place** (e.g. a cache layer's fixed buffer).
+        scale: query scale, default ``K ** -0.5``.
+        qk_l2norm: L2-normalise q and k inside the step (fused into the Triton kernel).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors when it imports).
+
+    Returns:
+        o ``[B, 1, H, V]`` in v's dtype.
+    """
+    B, T, H, K = q.shape
+    if T != 1 or k.shape != q.shape or v.shape[:3] != (B, 1, H):
+        raise ValueError(
+            f"fwp_step: q and k must be [B, 1, H, K] and v [B, 1, H, V] (one token); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}. Use linear_attention / delta_rule for sequences."
+        )
+    if state.shape != (B, H, K, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
+        raise ValueError(
+            f"fwp_step: `state` must be a contiguous float32 [B, H, K, V] = {(B, H, K, v.shape[-1])} tensor (it is "
+            f"updated in place); got shape {tuple(state.shape)}, dtype {state.dtype}, contiguous={state.is_contiguous()}."
+        )
+    for name, t in (("beta", beta), ("g", g)):
+        if t is not None and tuple(t.shape) != (B, 1, H):
+            raise ValueError(f"fwp_step: `{name}` must be [B, 1, H] = {(B, 1, H)}; got {tuple(t.shape)}.")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"fwp_step: backend={backend!r} is not one of ('auto', 'torch', 'triton').")
+    scale = K**-0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if state.is_cuda and state.dtype == torch.float32 and triton_available() else "torch"
+    if backend == "torch":
+        return torch_fwp_step(q, k, v, state, beta=beta, g=g, scale=scale, qk_l2norm=qk_l2norm)
+    from hf_fwp.ops.step.triton import triton_fwp_step
+
+    return triton_fwp_step(q, k, v, state, beta=beta, g=g, scale=scale, qk_l2norm=qk_l2norm)

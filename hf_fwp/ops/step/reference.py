@@ -1,0 +1,47 @@
+"""One decoding step of any FWP rule in pure torch, the state updated in place: the CPU path and the Triton
+kernel's twin (same signature and layout).
+
+Per head, with S the K x V fast-weight matrix (rules as in :mod:`hf_fwp.ops.linear_attn` and
+:mod:`hf_fwp.ops.delta_rule`)::
+
+    S <- exp(g) S                           (gated rules)
+    S <- S + k u^T,  u = v                  (linear rules)
+                     u = beta (v - S^T k)   (delta rules)
+    o  = S^T (scale q)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_fwp_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    scale: float,
+    qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """q, k ``[B, 1, H, K]``, v ``[B, 1, H, V]``, beta and g ``[B, 1, H]`` or None, state ``[B, H, K, V]``
+    (contiguous float32, updated in place) -> o ``[B, 1, H, V]`` in v's dtype. ``qk_l2norm`` L2-normalises q and k
+    first (``F.normalize``, eps 1e-6). A handful of batched ops, no temporaries of the state's size."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    if qk_l2norm:
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+    dt = state.dtype
+    S = state.view(B * H, K, V)
+    k_col = k.reshape(B * H, K, 1).to(dt)
+    u = v.reshape(B * H, 1, V).to(dt)
+    if g is not None:
+        S.mul_(g.reshape(B * H, 1, 1).to(dt).exp())
+    if beta is not None:
+        u = (u - torch.bmm(k_col.transpose(1, 2), S)) * beta.reshape(B * H, 1, 1).to(dt)
+    S.baddbmm_(k_col, u)
+    o = torch.bmm(q.reshape(B * H, 1, K).to(dt), S).mul_(scale)
+    return o.view(B, 1, H, V).to(v.dtype)
