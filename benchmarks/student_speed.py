@@ -3,10 +3,12 @@
 Students are converted from the teacher with the recipes below and not trained: their cost is the trained one's.
 
     python benchmarks/student_speed.py                         # SmolLM2-135M (bundled GGUF), contexts 128 / 1k / 4k
-    python benchmarks/student_speed.py --tiny --contexts 64 128 # a small random Llama (smoke test)
+    python benchmarks/student_speed.py --tiny --contexts 64    # a small random Llama (smoke test)
 
-Prefill: one forward over the context (logits of the last token). Decode: median ms per greedy token over
-``--steps`` steps after the prefill (eager, batch 1). Cache: bytes the cache holds after the prefill. Writes
+Measured through ``generate()`` at batch 1, greedy, in two modes (as ``benchmarks/generation.py``): ``eager``
+(default caches) and ``compiled`` (``cache_implementation="static"`` + ``compile_config``: transformers compiles the
+decode step of the teacher and of the students alike). Prefill: time to the first new token. Decode: median
+interval of ``--steps`` tokens after an untimed warm-up call. Cache: bytes the cache holds at the end. Writes
 ``results/student_speed.md`` and ``.png``.
 """
 
@@ -16,14 +18,13 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_description, markdown_table  # noqa: E402
-from generation import cache_nbytes, decode_ms_per_token, prefill  # noqa: E402
+from generation import MODES, compile_config, measure  # noqa: E402
 
 RECIPES = {
     "hybrid (default recipe)": {},
@@ -47,50 +48,51 @@ def load(tiny: bool):
     return model, len(tok)
 
 
-def measure(model, ctx: int, steps: int, vocab: int):
-    """-> prefill seconds, decode ms/token (median, after two warm-up steps) and cache bytes after the prefill."""
-    ids = torch.randint(0, vocab, (1, ctx))
-    t = time.perf_counter()
-    cache, nxt = prefill(model, ids)
-    seconds = time.perf_counter() - t
-    size = cache_nbytes(cache)  # before decoding grows a KV cache
-    decode_ms_per_token(model, cache, nxt, 2)
-    return seconds, decode_ms_per_token(model, cache, nxt, steps), size
-
-
 def main():
     from hf_fwp import convert
     from hf_fwp.conversion.pipeline import Recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16, help="tokens generated per timed call")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     ap.add_argument("--tiny", action="store_true", help="a small random Llama instead of SmolLM2 (smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    teacher, vocab = load(args.tiny)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.new_tokens, args.seed = args.steps, 0
+    teacher, args.vocab_size = load(args.tiny)
     models = {"teacher": teacher.eval()}
     for name, opts in RECIPES.items():
         models[name] = convert(teacher, **Recipe(**opts).convert_options()).eval()
+    models = {name: m.to(args.device) for name, m in models.items()}
     rows, res = [], {}
     for ctx in args.contexts:
         for name, model in models.items():
-            prefill, decode, size = measure(model, ctx, args.steps, vocab)
-            res[(name, ctx)] = (prefill, decode, size)
-            t_pre, t_dec, t_size = res[("teacher", ctx)]
-            rows.append([name, ctx, f"{prefill:.2f}", f"{decode:.1f}", f"{size / 2**20:.1f}",
-                         f"{t_pre / prefill:.2f}x", f"{t_dec / decode:.2f}x", f"{t_size / max(size, 1):.1f}x"])
-            print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    head = ["model", "context", "prefill s", "decode ms/token", "cache MiB", "prefill vs teacher",
-            "decode vs teacher", "cache vs teacher"]
+            for mode in args.modes:
+                r = res[(name, mode, ctx)] = measure(model, ctx, 1, mode, args)
+                t, t_eager = res[("teacher", mode, ctx)], res[("teacher", args.modes[0], ctx)]
+                rows.append([name, mode, ctx, f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}",
+                             f"{r['cache_mb']:.1f}", f"{t['prefill_s'] / r['prefill_s']:.2f}x",
+                             f"{t['decode_ms'] / r['decode_ms']:.2f}x", f"{t_eager['decode_ms'] / r['decode_ms']:.2f}x",
+                             f"{t['cache_mb'] / max(r['cache_mb'], 1e-9):.1f}x"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    head = ["model", "mode", "context", "prefill s", "decode ms/token", "cache MiB", "prefill vs teacher",
+            "decode vs teacher", f"decode vs teacher {args.modes[0]}", "cache vs teacher"]
     table = markdown_table(head, rows)
     what = "random tiny Llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)"
-    note = (f"Teacher: {what}; students converted from it, untrained (same cost as trained). Batch 1, greedy, eager; "
-            f"decode = median of {args.steps} steps after 2 warm-up steps. {machine_description()}. "
-            "'vs teacher' is the teacher's time (or cache) over the model's: above 1 favours the model.")
+    cc = compile_config(args)
+    note = (f"Teacher: {what}; students converted from it, untrained (same cost as trained). Batch 1, greedy, "
+            f"through generate(); decode = median interval of {args.steps} tokens after an untimed warm-up call. "
+            f"'compiled' = cache_implementation='static' + compile_config (backend {cc.backend}, mode {cc.mode}); "
+            f"static caches are preallocated to context + {2 * args.steps} tokens. {machine_description()}. "
+            "'vs teacher' is the teacher's time (or cache) in the same mode over the model's: above 1 favours "
+            "the model.")
     print("\n" + table + "\n\n" + note)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "student_speed.md").write_text(table + "\n\n" + note + "\n")
+    (args.out / "student_speed.md").write_text("`python benchmarks/student_speed.py`\n\n" + table + "\n\n" + note + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,8 +100,10 @@ def main():
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in models:
-        axes[0].plot(args.contexts, [res[(name, c)][0] for c in args.contexts], marker="o", label=name)
-        axes[1].plot(args.contexts, [res[(name, c)][1] for c in args.contexts], marker="o", label=name)
+        for mode in args.modes:
+            style = dict(marker="o", label=f"{name}, {mode}", linestyle="-" if mode == "eager" else "--")
+            axes[0].plot(args.contexts, [res[(name, mode, c)]["prefill_s"] for c in args.contexts], **style)
+            axes[1].plot(args.contexts, [res[(name, mode, c)]["decode_ms"] for c in args.contexts], **style)
     axes[0].set(xscale="log", xlabel="context tokens", ylabel="prefill s", title="prefill")
     axes[1].set(xscale="log", xlabel="context tokens", ylabel="ms / token", title="decode after the context")
     for ax in axes:

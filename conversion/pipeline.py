@@ -23,6 +23,14 @@ from hf_fwp.conversion.evaluate import compare, report
 from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora
 
 
+class RecipeError(ValueError):
+    """A bad :class:`Recipe` field: ``field`` names it (the CLI turns it into its flag)."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"Recipe: {field_name} {problem}")
+        self.field, self.problem = field_name, problem
+
+
 @dataclass
 class Recipe:
     """What to build and how long to train it.
@@ -53,6 +61,38 @@ class Recipe:
     save_steps: int = 50
     seed: int = 0
 
+    def __post_init__(self):
+        """Validate every field before any work: a bad value found after stage 1 would cost its minutes."""
+        from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
+
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise RecipeError(name, f"must be {rule}; got {getattr(self, name)!r}.")
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        def count(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(self.fwp_rule in FWP_RULES, "fwp_rule", f"one of {FWP_RULES}")
+        need(self.feature_map in FEATURE_MAPS, "feature_map", f"one of {FEATURE_MAPS}")
+        need(self.fwp_layer_type in ("linear_attention", "hybrid_sliding"), "fwp_layer_type",
+             "'linear_attention' or 'hybrid_sliding'")
+        need(self.sliding_window is None or (count(self.sliding_window) and self.sliding_window >= 1),
+             "sliding_window", "None or a positive number of tokens")
+        keep = self.keep_softmax
+        need(keep in ("all", "none") if isinstance(keep, str) else count(keep) and keep >= 1 if not isinstance(
+             keep, (list, tuple)) else all(count(i) and i >= 0 for i in keep), "keep_softmax",
+             "'all', 'none', an int k >= 1 (every k-th layer) or a list of layer indices")
+        for name in ("block_size", "batch_size", "stage2_steps", "grad_accum", "lora_rank", "save_steps"):
+            need(count(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(count(self.stage1_steps) and self.stage1_steps >= 0, "stage1_steps", "an integer >= 0")
+        for name in ("stage1_lr", "stage2_lr", "temperature"):
+            need(number(getattr(self, name)) and getattr(self, name) > 0, name, "a positive number")
+        need(number(self.ce_weight) and self.ce_weight >= 0, "ce_weight", "a number >= 0")
+        need(isinstance(self.fwp_options, dict), "fwp_options", "a dict of FWPConfig fields")
+
     def convert_options(self) -> dict:
         opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, **self.fwp_options)
         if self.feature_map not in ("identity", "silu") and "qk_l2norm" not in opts and self.fwp_rule in (
@@ -78,7 +118,8 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
 
     out = Path(output_dir)
     if not resume and out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty: pass resume=True to continue that run, or choose a new folder.")
+        raise ValueError(f"{out} is not empty: resume that run (resume=True, or --resume on the command line), or "
+                         "choose a new folder.")
     args = TrainingArguments(
         output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
         per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,

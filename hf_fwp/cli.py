@@ -64,22 +64,39 @@ def _parse_keep(value: str):
         except ValueError:
             raise CLIError(f"--keep-softmax {value!r}: expected every:K with an integer K") from None
     try:
-        return [int(x) for x in value.split(",") if x.strip()]
+        layers = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise CLIError(f"--keep-softmax {value!r}: use all, none, every:K or a comma list like 0,5,11") from None
+        layers = []
+    if not layers:
+        raise CLIError(f"--keep-softmax {value!r}: use all, none, every:K or a comma list like 0,5,11")
+    return layers
+
+
+def _keep_text(keep) -> str:
+    """A ``Recipe.keep_softmax`` value as the command line writes it."""
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return f"every:{keep}"
+    return keep if isinstance(keep, str) else ",".join(map(str, keep))
 
 
 def _fwp_args(p: argparse.ArgumentParser) -> None:
+    from hf_fwp.conversion.pipeline import Recipe
     from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
 
-    g = p.add_argument_group("student layout")
-    g.add_argument("--rule", default="gated_delta", choices=FWP_RULES)
-    g.add_argument("--feature-map", default="identity", choices=FEATURE_MAPS)
-    g.add_argument("--keep-softmax", default="none", type=str,
-                   help="layers that stay softmax: all, none, every:K or a list like 0,5,11 (default none)")
-    g.add_argument("--layer-type", default="linear_attention", choices=["linear_attention", "hybrid_sliding"],
-                   help="what the other layers become (hybrid_sliding: sliding softmax + FWP in one layer)")
-    g.add_argument("--window", type=int, default=None, help="sliding window of hybrid layers")
+    # Every default is Recipe()'s: the command line and the Python API build the same student.
+    d = Recipe()
+    g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
+    g.add_argument("--rule", default=d.fwp_rule, choices=FWP_RULES, help="FWP rule of the converted layers "
+                   "(default: %(default)s)")
+    g.add_argument("--feature-map", default=d.feature_map, choices=FEATURE_MAPS,
+                   help="feature map applied to queries and keys (default: %(default)s)")
+    g.add_argument("--keep-softmax", default=_keep_text(d.keep_softmax), type=str,
+                   help="layers that stay softmax: all, none, every:K or a list like 0,5,11 (default: %(default)s)")
+    g.add_argument("--layer-type", default=d.fwp_layer_type, choices=["linear_attention", "hybrid_sliding"],
+                   help="what the other layers become: linear_attention (pure FWP) or hybrid_sliding (sliding "
+                   "softmax + FWP in one layer) (default: %(default)s)")
+    g.add_argument("--window", type=int, default=None,
+                   help=f"sliding window of hybrid_sliding layers, in tokens (default: {d.sliding_window})")
 
 
 def _load_teacher(spec: str):
@@ -94,27 +111,44 @@ def _load_teacher(spec: str):
 def _recipe_from(args):
     from hf_fwp.conversion.pipeline import Recipe
 
+    window = args.window
+    if args.layer_type == "hybrid_sliding":
+        window = Recipe().sliding_window if window is None else window
+        if window < 1:
+            raise CLIError(f"--window must be a positive number of tokens; got {window}.")
+    elif window is not None:
+        raise CLIError("--window sets the window of hybrid_sliding layers; with --layer-type linear_attention there "
+                       "are none (kept softmax layers keep the teacher's own attention).")
     return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
-                  fwp_layer_type=args.layer_type, sliding_window=args.window)
+                  fwp_layer_type=args.layer_type, sliding_window=window)
 
 
 def _convert_args(p):
     p.add_argument("teacher", help="model folder, .gguf file or Hub id of the softmax model")
-    p.add_argument("output", help="folder to write the converted (undistilled) model to")
+    p.add_argument("output", help="folder to write the converted (undistilled) model to; must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT holds (written atomically)")
     _fwp_args(p)
 
 
 def _convert_run(args) -> int:
     from hf_fwp.conversion import convert
+    from hf_fwp.conversion.folders import atomic_folder, check_output_folder
 
-    teacher, tokenizer = _load_teacher(args.teacher)
-    try:
-        student = convert(teacher, **_recipe_from(args).convert_options())
+    recipe = _recipe_from(args)
+    try:  # before loading anything: a refused OUTPUT costs nothing
+        check_output_folder(args.output, overwrite=args.overwrite, flag="--overwrite")
     except ValueError as e:
         raise CLIError(str(e)) from None
-    student.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"wrote {args.output}: {student.config.layer_types.count('linear_attention')} FWP layers, "
+    teacher, tokenizer = _load_teacher(args.teacher)
+    try:
+        student = convert(teacher, **recipe.convert_options())
+        with atomic_folder(args.output, overwrite=args.overwrite, flag="--overwrite") as tmp:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    n_fwp = sum(t in ("linear_attention", "hybrid_sliding") for t in student.config.layer_types)
+    print(f"wrote {args.output}: {n_fwp} FWP layers ({', '.join(sorted(set(student.config.layer_types)))}), "
           f"{sum(p.numel() for p in student.parameters()):,} parameters")
     return 0
 
@@ -165,16 +199,24 @@ def _distill_args(p):
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
 
 
+# Recipe fields whose command-line flag is not simply --field-name.
+_FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_window": "--window"}
+
+
 def _distill_run(args) -> int:
     from dataclasses import replace
 
     from hf_fwp.conversion import pipeline
+    from hf_fwp.conversion.pipeline import RecipeError
 
+    try:  # every option is checked before the teacher loads
+        recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
+                         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
+                         temperature=args.temperature, ce_weight=args.ce_weight)
+    except RecipeError as e:
+        raise CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
     teacher, tokenizer = _load_teacher(args.teacher)
     train, held = _blocks(args, tokenizer)
-    recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
-                     stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
-                     temperature=args.temperature, ce_weight=args.ce_weight)
     try:
         result = pipeline.run(teacher, tokenizer, train, held, recipe, args.output, resume=args.resume,
                               base_model=args.teacher)

@@ -28,14 +28,70 @@ def test_convert_generate_and_errors(teacher_dir, capsys):
     assert "1 FWP layers" in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().out
-    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--keep-softmax", "every:x"]) == 2
+    fresh = str(teacher_dir / "never-written")
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--keep-softmax", "every:x"]) == 2
     assert "every:K" in capsys.readouterr().err
-    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--layer-type", "hybrid_sliding"]) == 2
-    assert "needs sliding_window" in capsys.readouterr().err
-    assert main(["convert", str(teacher_dir / "missing.gguf"), str(out)]) == 2
+    assert main(["convert", str(teacher_dir / "missing.gguf"), fresh]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["convert", str(teacher_dir / "teacher"), str(out), "--rule", "mamba"])
+        main(["convert", str(teacher_dir / "teacher"), fresh, "--rule", "mamba"])
+
+
+def test_cli_defaults_are_the_recommended_recipe(teacher_dir, capsys):
+    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.modeling import FWPConfig
+
+    out = teacher_dir / "defaults"
+    assert main(["convert", str(teacher_dir / "teacher"), str(out)]) == 0
+    assert "2 FWP layers (hybrid_sliding)" in capsys.readouterr().out
+    config, recipe = FWPConfig.from_pretrained(out), Recipe()
+    assert (config.fwp_rule, config.feature_map) == (recipe.fwp_rule, recipe.feature_map)
+    assert config.layer_types == [recipe.fwp_layer_type] * 2 and config.sliding_window == recipe.sliding_window
+    # A pure layout takes no window; a window is a positive number of tokens.
+    pure = teacher_dir / "pure"
+    assert main(["convert", str(teacher_dir / "teacher"), str(pure), "--layer-type", "linear_attention"]) == 0
+    assert FWPConfig.from_pretrained(pure).sliding_window is None
+    capsys.readouterr()
+    fresh = str(teacher_dir / "never-written")
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--layer-type", "linear_attention",
+                 "--window", "16"]) == 2
+    assert "--window sets the window of hybrid_sliding layers" in capsys.readouterr().err
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--window", "0"]) == 2
+    assert "positive number of tokens" in capsys.readouterr().err
+    assert not (teacher_dir / "never-written").exists()
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "(default: hedgehog)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_convert_never_overwrites_silently_and_writes_atomically(teacher_dir, capsys, monkeypatch):
+    out = teacher_dir / "distilled-model"
+    out.mkdir()
+    (out / "README.md").write_text("a distilled model's card")
+    (out / "results.json").write_text("{}")
+    teacher = str(teacher_dir / "teacher")
+    assert main(["convert", teacher, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "results.json"]
+    # A failure while writing leaves the old folder as it was and no half-written one.
+    from transformers import PreTrainedTokenizerBase
+
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", broken)
+    assert main(["convert", teacher, str(out), "--overwrite"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "a distilled model's card"
+    assert [p.name for p in teacher_dir.iterdir() if p.name.startswith(".distilled-model")] == []
+    monkeypatch.undo()
+    assert main(["convert", teacher, str(out), "--overwrite"]) == 0
+    assert (out / "config.json").exists() and not (out / "README.md").exists()  # replaced, not mixed
+    a_file = teacher_dir / "out.txt"
+    a_file.write_text("x")
+    assert main(["convert", teacher, str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "x"
 
 
 def test_distill_eval_push(teacher_dir, capsys):
@@ -60,3 +116,32 @@ def test_distill_eval_push(teacher_dir, capsys):
     assert "not a saved model folder" in capsys.readouterr().err
     assert main(["distill", str(teacher_dir / "teacher"), str(teacher_dir / "r2"), "--data", "nofile.txt"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--stage2-steps", "0", "--stage2-steps must be an integer >= 1"),
+    ("--stage1-steps", "-1", "--stage1-steps must be an integer >= 0"),
+    ("--batch-size", "0", "--batch-size must be an integer >= 1"),
+    ("--ce-weight", "-5", "--ce-weight must be a number >= 0"),
+    ("--temperature", "0", "--temperature must be a positive number"),
+    ("--lora-rank", "0", "--lora-rank must be an integer >= 1"),
+    ("--block-size", "0", "--block-size must be an integer >= 1"),
+    ("--keep-softmax", "", "--keep-softmax ''"),
+])
+def test_distill_checks_every_number_before_any_work(tmp_path, capsys, flag, value, message):
+    # The teacher does not exist: the option must be refused before anything is loaded or written.
+    run = tmp_path / "run"
+    assert main(["distill", str(tmp_path / "no-teacher"), str(run), "--data", str(tmp_path / "none.txt"),
+                 flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_recipe_validates_its_fields():
+    from hf_fwp.conversion.pipeline import Recipe, RecipeError
+
+    for bad in (dict(stage2_steps=0), dict(keep_softmax="every:2"), dict(keep_softmax=True), dict(fwp_rule="x"),
+                dict(sliding_window=0), dict(temperature=-1.0), dict(batch_size=2.5)):
+        with pytest.raises(RecipeError, match=next(iter(bad))):
+            Recipe(**bad)
+    Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")

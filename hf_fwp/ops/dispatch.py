@@ -40,3 +40,14 @@ TRITON_FUSED_MAX_LEN = 64
 # The Triton delta rule's sequential passes hold the key dim as at most 4 register tiles of 64; wider keys take the
 # pure-torch chunk path under backend="auto".
 TRITON_DELTA_MAX_K = 256
+
+
+# Log-decays below this act as a hard reset: exp(-80) ~ 1.8e-35 wipes any fp32 state, while chunked backends still
+# take differences of within-chunk cumulative sums exactly (-inf there gives inf - inf = NaN, and -1e4 loses
+# every digit of the decays that follow). Every backend clamps g here, so all of them agree.
+GATE_FLOOR = -80.0
+
+
+def floor_gate(g):
+    """``g`` with entries below :data:`GATE_FLOOR` (including -inf) raised to it; None stays None."""
+    return None if g is None else g.clamp_min(GATE_FLOOR)

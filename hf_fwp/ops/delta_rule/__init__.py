@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
-from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, resolve_backend
+from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
 from hf_fwp.ops.utils import check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
@@ -30,7 +30,8 @@ def delta_rule(
     Args:
         q, k: ``[B, T, H, K]`` (k is usually L2-normalised: the op does not normalise); v: ``[B, T, H, V]``.
         beta: writing strength ``[B, T, H]``, in (0, 1), or (0, 2) to allow negative eigenvalues.
-        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0); None means no decay.
+        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0; -inf, a hard reset, and anything below
+            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay.
         scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size: as in
             :func:`hf_fwp.ops.linear_attention`.
 
@@ -38,7 +39,7 @@ def delta_rule(
         ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
     """
     check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, backend, "delta_rule")
-    kwargs = dict(g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+    kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     requested = backend
     backend = resolve_backend(backend, q, "delta_rule")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.dispatch import resolve_backend
+from hf_fwp.ops.dispatch import floor_gate, resolve_backend
 from hf_fwp.ops.linear_attn.reference import chunk_linear_attention, naive_linear_attention
 from hf_fwp.ops.utils import check_inputs
 
@@ -28,7 +28,8 @@ def linear_attention(
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0); None means no decay.
+        g: optional per-head log-decay ``[B, T, H]`` (entries <= 0; -inf, a hard reset, and anything below
+            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay.
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``).
         output_final_state: also return the state after the last token.
@@ -41,7 +42,7 @@ def linear_attention(
         ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
     """
     check_inputs(q, k, v, None, g, initial_state, cu_seqlens, backend, "linear_attention")
-    kwargs = dict(g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+    kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     backend = resolve_backend(backend, q, "linear_attention")
     if backend == "naive":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.dispatch import triton_available
+from hf_fwp.ops.dispatch import floor_gate, triton_available
 from hf_fwp.ops.step.reference import torch_fwp_step
 
 __all__ = ["fwp_step", "torch_fwp_step"]
@@ -58,6 +58,7 @@ def fwp_step(
     scale = K**-0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if state.is_cuda and state.dtype == torch.float32 and triton_available() else "torch"
+    g = floor_gate(g)  # as the sequence ops do, so that a hard reset (-inf) decodes as it prefills
     if backend == "torch":
         return torch_fwp_step(q, k, v, state, beta=beta, g=g, scale=scale, qk_l2norm=qk_l2norm)
     from hf_fwp.ops.step.triton import triton_fwp_step
