@@ -78,6 +78,14 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     unknown = sorted(set(fwp_options) - set(FWPConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"convert: unknown FWPConfig options {unknown}.")
+    if "layer_types" in fwp_options or "num_hidden_layers" in fwp_options:
+        raise ValueError("convert: the layer layout is set by keep_softmax (which layers stay softmax) and "
+                         "fwp_layer_type ('linear_attention' or 'hybrid_sliding'), not by layer_types / "
+                         "num_hidden_layers.")
+    owned = sorted(set(fwp_options) & set(fields))
+    if owned:
+        raise ValueError(f"convert: {owned} come from the source model's config ({name}) and cannot change in a "
+                         "conversion (the pretrained weights fix them).")
     config = FWPConfig(**{**fields, **CONVERSION_DEFAULTS, **fwp_options, "layer_types": types,
                           "sliding_window": window if any(t != "full_attention" and t != "linear_attention"
                                                           for t in types) else None})

@@ -23,7 +23,15 @@ def load_text(source: str | Path | list, *, split: str = "train", text_column: s
         if None in kinds or len(kinds) != 1:
             raise ValueError(f"Cannot read {[str(p) for p in paths]}: use files of one kind, with a suffix in "
                              f"{sorted(_BUILDERS)}.")
-        ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+        empty = [str(p) for p in paths if p.is_file() and not p.read_bytes().strip()]
+        if empty:
+            raise ValueError(f"Data file(s) {empty} are empty: nothing to train or evaluate on.")
+        try:
+            ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+        except Exception as e:  # datasets wraps parse errors (bad JSON lines, ...) in its own exception types
+            cause = e.__cause__ or e
+            raise ValueError(f"Cannot read {[str(p) for p in paths]} as {_BUILDERS[paths[0].suffix.lower()]} data: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     elif len(sources) == 1 and not any(sep in str(sources[0]) for sep in ("\\", ".txt", ".json", ".parquet")):
         ds = load_dataset(str(sources[0]), split=split)
     else:
@@ -55,4 +63,8 @@ def pack(ds: Dataset, tokenizer, block_size: int, *, text_column: str = "text", 
 
     ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b[text_column]], batched=True, num_proc=num_proc)
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
-    return ds.map(group, batched=True, remove_columns=["ids"], num_proc=num_proc, desc="packing")
+    blocks = ds.map(group, batched=True, remove_columns=["ids"], num_proc=num_proc, desc="packing")
+    if len(blocks) == 0:
+        raise ValueError(f"The text is shorter than one block of {block_size} tokens: add text or use a smaller "
+                         "block size.")
+    return blocks

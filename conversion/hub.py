@@ -29,8 +29,23 @@ def load_teacher(spec: str, *, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(path.parent, quantization_config=GgufConfig(dequantize=True),
                                                      dtype=dtype or "float32", **kwargs)
         return model.eval(), AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
-    return model.eval(), AutoTokenizer.from_pretrained(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
+    except Exception as e:
+        if "safetensor" not in type(e).__name__.lower():
+            raise
+        raise ValueError(f"{spec}: the weights cannot be read ({type(e).__name__}: {_one_line(e)}); the "
+                         "safetensors file is damaged or incomplete: copy or save it again.") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{spec}: no usable tokenizer beside the model ({_one_line(e)}); save the tokenizer into "
+                         "the folder (tokenizer.save_pretrained).") from None
+    return model.eval(), tokenizer
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def files_to_upload(folder) -> list[str]:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_fwp.conversion.convert import convert
 from hf_fwp.conversion.distill import attention_transfer
 from hf_fwp.conversion.evaluate import compare, report
-from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora
+from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora, last_complete_checkpoint
 
 
 class RecipeError(ValueError):
@@ -133,6 +132,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     state = PartialState()
     state.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
+    _check_or_record_recipe(out / "recipe.json", recipe, resume, state.is_main_process)
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
     teacher.eval()
@@ -159,7 +159,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
                      train_fwp=recipe.train_fwp_in_stage2)
     trainer = DistillationTrainer(model=model, args=args, train_dataset=train_blocks, teacher=teacher,
                                   temperature=recipe.temperature, ce_weight=recipe.ce_weight)
-    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).exists() else None
+    last = last_complete_checkpoint(args.output_dir, needs_extra=bool(trainer._extra_trainable())) if resume else None
     trainer.train(resume_from_checkpoint=last)
     student = model.merge_and_unload().eval()
     tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum * state.num_processes) * (
@@ -174,28 +174,51 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     return result
 
 
+def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: bool) -> None:
+    """A new run records its recipe; a resumed one must use the same (its checkpoints were built with it)."""
+    current = json.loads(json.dumps(asdict(recipe)))
+    if resume and path.exists():
+        stored = json.loads(path.read_text())
+        changed = {k: (stored.get(k), v) for k, v in current.items() if k != "save_steps" and stored.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise ValueError(f"resume: {path.parent} was started with a different recipe ({diff}); resume with the "
+                             "original options, or start a new folder.")
+    elif write:
+        path.write_text(json.dumps(current, indent=1))
+
+
 def save_final(student, tokenizer, folder, result: dict, base_model: str) -> None:
     """``save_pretrained`` (safetensors, config with auto_map, modeling code, generation config), the tokenizer,
-    ``results.json`` and a model card."""
-    folder = Path(folder)
-    student.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    (folder / "README.md").write_text(model_card(result, base_model))
+    ``results.json`` and a model card, written to a temporary folder that then replaces ``folder`` in one rename
+    (an interrupted save never leaves a folder that loads as a broken model)."""
+    from hf_fwp.conversion.folders import atomic_folder
+
+    with atomic_folder(folder, overwrite=True) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (tmp / "README.md").write_text(model_card(result, base_model, student.config))
 
 
-def model_card(result: dict, base_model: str) -> str:
+def model_card(result: dict, base_model: str, config) -> str:
+    """The card describes the saved model's own config (layout, rule, feature map), the recipe its training."""
     recipe = result["recipe"]
+    kinds = {}
+    for t in config.layer_types:
+        kinds[t] = kinds.get(t, 0) + 1
+    layout = ", ".join(f"{n} x `{t}`" for t, n in kinds.items())
+    window = f", window {config.sliding_window}" if config.sliding_window else ""
     return f"""---
 base_model: {base_model}
 library_name: transformers
-tags: [hf-fwp, fast-weight-programmer, linear-attention, {recipe['fwp_rule']}]
+tags: [hf-fwp, fast-weight-programmer, linear-attention, {config.fwp_rule}]
 ---
-# {recipe['fwp_rule']} student of {base_model}
+# {config.fwp_rule} student of {base_model}
 
 A fast weight programmer (FWP) linearised from `{base_model}` with [hf-fwp](https://pypi.org/project/hf-fwp/):
-softmax attention replaced by the `{recipe['fwp_rule']}` rule (feature map `{recipe['feature_map']}`, layers
-`{recipe['fwp_layer_type']}`, softmax kept at `{recipe['keep_softmax']}`), then distilled back towards the original.
+softmax attention replaced by the `{config.fwp_rule}` rule (feature map `{config.feature_map}`; layers: {layout}{window}),
+then distilled back towards the original.
 
 Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the modeling code is in this
 folder; it uses the `hf-fwp` package), or with `import hf_fwp` first and no remote code.

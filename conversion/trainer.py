@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,14 +42,19 @@ class DistillationTrainer(Trainer):
         super()._save(output_dir, state_dict)
         extra = self._extra_trainable()
         if extra:
-            save_file({n: p.detach().cpu().contiguous() for n, p in extra.items()},
-                      os.path.join(output_dir or self.args.output_dir, EXTRA_WEIGHTS))
+            path = os.path.join(output_dir or self.args.output_dir, EXTRA_WEIGHTS)
+            # Written beside and renamed: a kill mid-write leaves no truncated file that would load.
+            save_file({n: p.detach().cpu().contiguous() for n, p in extra.items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, EXTRA_WEIGHTS)
-        if os.path.exists(path):
-            params = self._extra_trainable(model)
+        params = self._extra_trainable(model)
+        if params and not os.path.exists(path):
+            raise ValueError(f"checkpoint {resume_from_checkpoint} has no {EXTRA_WEIGHTS}: resuming from it would put "
+                             f"{len(params)} trained FWP tensors back at their starting values.")
+        if params:
             with torch.no_grad():
                 for n, t in load_file(path).items():
                     params[n].copy_(t)
@@ -70,6 +77,24 @@ class DistillationTrainer(Trainer):
             ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             loss = loss + self.ce_weight * ce
         return (loss, out) if return_outputs else loss
+
+
+def last_complete_checkpoint(output_dir, *, needs_extra: bool) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end: its trainer state (saved last
+    by ``Trainer``) and, when FWP parameters train beside the adapters, :data:`EXTRA_WEIGHTS`. Newer incomplete
+    ones (a run killed while saving) are skipped with a warning, not resumed from."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        needed = ["trainer_state.json"] + ([EXTRA_WEIGHTS] if needs_extra else [])
+        missing = [f for f in needed if not os.path.exists(os.path.join(folder, f))]
+        if not missing:
+            return folder
+        warnings.warn(f"skipping incomplete checkpoint {folder} (no {', '.join(missing)}); resuming from an older one")
+    return None
 
 
 def add_lora(student, *, targets=DEFAULT_LORA_TARGETS, rank: int = 8, alpha: int = 16, train_fwp: bool = False):

@@ -105,7 +105,7 @@ def _load_teacher(spec: str):
     try:
         return load_teacher(spec)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise CLIError(str(e).splitlines()[0]) from None
+        raise CLIError(" ".join(str(e).split())) from None  # the whole message, on one line
 
 
 def _recipe_from(args):
@@ -240,6 +240,8 @@ def _eval_args(p):
 def _eval_run(args) -> int:
     from hf_fwp.conversion.evaluate import compare, report
 
+    if args.max_blocks < 1:
+        raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model)
     # Only held-out text is needed here: pack just that (all of --data when no --eval-data is given).

@@ -9,12 +9,16 @@ right cache layer for each. The backbone fields cover what converted models need
 
 from __future__ import annotations
 
+import difflib
+import warnings
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from hf_fwp.layers.feature_maps import FEATURE_MAPS
+
 FWP_RULES = ("linear", "gated_linear", "delta", "gated_delta")
-FEATURE_MAPS = ("identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r")
 LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention", "hybrid_sliding")
 
 
@@ -91,8 +95,16 @@ class FWPConfig(PreTrainedConfig):
     chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
-        self._head_dim_given = self.head_dim is not None
-        if self.head_dim is None and self.num_attention_heads:
+        kwargs.pop("_head_dim_given", None)  # written by earlier versions into config.json
+        _check_unknown(kwargs)
+        for name in ("hidden_size", "num_attention_heads"):
+            _positive_int(name, getattr(self, name))  # before they are divided below
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"FWPConfig: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); change one of them or set `head_dim` explicitly."
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -115,14 +127,28 @@ class FWPConfig(PreTrainedConfig):
         _choice("fwp_backend", self.fwp_backend, ("auto", "naive", "chunk", "triton"))
         _choice("conv_activation", self.conv_activation, (None, "silu"))
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "vocab_size", "intermediate_size", "chunk_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"FWPConfig: `{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        if not getattr(self, "_head_dim_given", True) and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"FWPConfig: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                f"({self.num_attention_heads}); change one of them or set `head_dim` explicitly."
-            )
+                     "vocab_size", "intermediate_size", "chunk_size", "max_position_embeddings"):
+            _positive_int(name, getattr(self, name))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FWPConfig: `{name}` must be True or False, got {getattr(self, name)!r}.")
+        if not _is_number(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ValueError(f"FWPConfig: `rms_norm_eps` must be a positive number, got {self.rms_norm_eps!r}.")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"FWPConfig: `initializer_range` must be a number >= 0, got {self.initializer_range!r}.")
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"FWPConfig: `attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        if self.fwp_scale is not None and (not _is_number(self.fwp_scale) or self.fwp_scale <= 0):
+            raise ValueError(f"FWPConfig: `fwp_scale` must be None or a positive number, got {self.fwp_scale!r}.")
+        if not _is_number(self.hybrid_mix_init):
+            raise ValueError(f"FWPConfig: `hybrid_mix_init` must be a number in (0, 1), got {self.hybrid_mix_init!r}.")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            near = difflib.get_close_matches(str(self.hidden_act), list(ACT2FN), n=3)
+            raise ValueError(f"FWPConfig: unknown hidden_act {self.hidden_act!r}"
+                             f"{'; did you mean ' + ' or '.join(map(repr, near)) if near else ''}? See "
+                             "transformers.activations.ACT2FN for the names.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"FWPConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -190,6 +216,36 @@ class FWPConfig(PreTrainedConfig):
         """The linear transformer (Katharopoulos et al. 2020): elu+1 features with the normalising denominator."""
         return cls(**{**dict(fwp_rule="linear", feature_map="elu_plus_one", qk_l2norm=False, use_short_conv=False,
                              normalize_attention=True, use_output_norm=False, use_output_gate=False), **kwargs})
+
+
+_BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "attention_bias", "attention_output_bias", "mlp_bias", "qk_norm",
+                "share_feature_map", "qk_l2norm", "allow_unnormalized_delta", "allow_neg_eigval", "use_short_conv",
+                "use_output_norm", "use_output_gate", "normalize_attention")
+# Keys a saved config.json may carry beside the fields (transformers' own bookkeeping).
+_METADATA_KEYS = {"auto_map", "model_type", "architectures", "transformers_version", "dtype", "torch_dtype",
+                  "_name_or_path", "name_or_path", "hf_fwp_version"}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"FWPConfig: `{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_unknown(kwargs: dict) -> None:
+    """A misspelt field is an error (it would silently keep its default); other unknown keys get a warning."""
+    fields = [f for f in FWPConfig.__dataclass_fields__ if not f.startswith("_")]
+    known = _METADATA_KEYS | set(getattr(PreTrainedConfig, "__dataclass_fields__", {}))
+    for key in sorted(k for k in kwargs if k not in known and not hasattr(PreTrainedConfig, k)):
+        near = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if near:
+            raise ValueError(f"FWPConfig: unknown field {key!r}; did you mean {near[0]!r}?")
+        if not key.startswith("_"):
+            warnings.warn(f"FWPConfig: {key!r} is not an FWPConfig field; it is stored but nothing reads it.",
+                          stacklevel=3)
 
 
 def _choice(name, value, allowed):

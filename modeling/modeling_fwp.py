@@ -170,6 +170,9 @@ class FWPModel(FWPPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
+        if T == 0 or B == 0:
+            raise ValueError(f"FWPModel: the input has no tokens (shape {tuple(inputs_embeds.shape[:2])}); pass at "
+                             "least one token per row.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
             use_cache = False  # recomputed layers would write their cache entries twice

@@ -145,3 +145,34 @@ def test_recipe_validates_its_fields():
         with pytest.raises(RecipeError, match=next(iter(bad))):
             Recipe(**bad)
     Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")
+
+
+def test_bad_data_is_a_one_line_error_and_writes_nothing(teacher_dir, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("too short\n")
+    run = tmp_path / "run"
+    assert main(["distill", str(teacher_dir / "teacher"), str(run), "--data", str(teacher_dir / "train.txt"),
+                 "--eval-data", str(tmp_path / "short.txt"), "--block-size", "16"]) == 2
+    assert "shorter than one block of 16 tokens" in capsys.readouterr().err and not run.exists()
+    assert main(["eval", str(teacher_dir / "teacher"), "--teacher", str(teacher_dir / "teacher"), "--data",
+                 str(teacher_dir / "train.txt"), "--max-blocks", "0"]) == 2
+    assert "--max-blocks must be at least 1" in capsys.readouterr().err
+
+
+def test_damaged_weights_and_missing_tokenizer_are_one_line_errors(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(teacher_dir / "teacher", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["convert", str(damaged), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "the weights cannot be read" in err[0] and "damaged or incomplete" in err[0]
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(teacher_dir / "teacher", no_tok)
+    for f in no_tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    assert main(["convert", str(no_tok), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("hf-fwp: error:") and "no usable tokenizer" in err[0]

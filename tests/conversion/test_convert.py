@@ -90,3 +90,14 @@ def test_unsupported_architecture_and_bad_options():
         convert(src, fwp_layer_type="hybrid_sliding")
     with pytest.raises(ValueError, match="unknown FWPConfig options"):
         convert(src, feature_mapp="hedgehog")
+
+
+def test_options_the_source_fixes_are_refused_with_the_right_name():
+    src = _sources()["qwen2"]()
+    with pytest.raises(ValueError, match="set by keep_softmax .* and fwp_layer_type"):
+        convert(src, layer_types=["linear_attention"] * 3)
+    with pytest.raises(ValueError, match="set by keep_softmax"):
+        convert(src, num_hidden_layers=2)
+    for option in (dict(hidden_size=64), dict(vocab_size=10), dict(num_attention_heads=2)):
+        with pytest.raises(ValueError, match=rf"\['{next(iter(option))}'\] come from the source model's config"):
+            convert(src, **option)

@@ -41,6 +41,7 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
             "generation_config.json", "results.json"} <= names
     card = (folder / "README.md").read_text()
     assert "base_model: tiny-llama" in card and "student / teacher perplexity" in card
+    assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 64" in card  # from the saved config
     assert reference["tokens_seen"] == (5 + 6) * 4 * 16
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor(held_out["input_ids"][:2])
@@ -69,7 +70,22 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not empty"):
         pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", progress=False)
     monkeypatch.setattr(DistillationTrainer, "compute_loss", original)
-    pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", resume=True, progress=False)
+    # Resuming with other options would continue the stored model under a card describing another one.
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="different recipe .*feature_map: 'hedgehog' -> 't2r'"):
+        pipeline.run(teacher, tok, train, held_out, replace(recipe, feature_map="t2r"), tmp_path / "run",
+                     resume=True, progress=False)
+    # A newer checkpoint cut short while saving (no FWP weights beside the adapters) must not be resumed from.
+    import shutil
+
+    from hf_fwp.conversion.trainer import EXTRA_WEIGHTS
+
+    torn = tmp_path / "run" / "stage2" / "checkpoint-4"
+    shutil.copytree(tmp_path / "run" / "stage2" / "checkpoint-3", torn)
+    (torn / EXTRA_WEIGHTS).unlink()
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint .*checkpoint-4"):
+        pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", resume=True, progress=False)
     state = json.loads((tmp_path / "run" / "stage2" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()

@@ -46,6 +46,15 @@ def test_bad_data_sources(tmp_path):
     (tmp_path / "y.jsonl").write_text('{"body": "hi"}\n')
     with pytest.raises(ValueError, match="no column 'text'"):
         load_text(tmp_path / "y.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="are empty"):
+        load_text(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match="Cannot read .*bad.jsonl.* as json data"):
+        load_text(tmp_path / "bad.jsonl")
+    (tmp_path / "short.txt").write_text("a few words\n")
+    with pytest.raises(ValueError, match="shorter than one block of 64 tokens"):
+        pack(load_text(tmp_path / "short.txt"), _tokenizer(), block_size=64)
 
 
 def test_distillation_lowers_kl_and_merges(tmp_path):
@@ -92,3 +101,19 @@ def test_evaluation_reports_perplexity_samples_and_speed():
     assert result["ratio"] == pytest.approx(1.0, abs=1e-4)
     assert result["teacher"]["samples"] == result["student"]["samples"]
     assert result["student"]["tokens_per_s"] > 0 and "student / teacher perplexity: 1.000" in report(result)
+
+
+def test_resume_skips_incomplete_checkpoints(tmp_path):
+    from hf_fwp.conversion.trainer import EXTRA_WEIGHTS, last_complete_checkpoint
+
+    for step, files in [(3, ["trainer_state.json", EXTRA_WEIGHTS]), (6, ["trainer_state.json"]), (9, [EXTRA_WEIGHTS]),
+                        (12, [])]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        assert last_complete_checkpoint(tmp_path, needs_extra=True) == str(tmp_path / "checkpoint-3")
+    with pytest.warns(UserWarning):
+        assert last_complete_checkpoint(tmp_path, needs_extra=False) == str(tmp_path / "checkpoint-6")
+    assert last_complete_checkpoint(tmp_path / "absent", needs_extra=True) is None

@@ -52,3 +52,30 @@ def test_round_trip(tmp_path):
     c.save_pretrained(tmp_path)
     r = FWPConfig.from_pretrained(tmp_path)
     assert r.to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(use_short_conv="false"), "`use_short_conv` must be True or False"),
+    (dict(qk_l2norm="yes"), "`qk_l2norm` must be True or False"),
+    (dict(fwp_rules="linear"), "unknown field 'fwp_rules'; did you mean 'fwp_rule'"),
+    (dict(hidden_size="32"), "`hidden_size` must be a positive integer"),
+    (dict(hybrid_mix_init="0.1"), "`hybrid_mix_init` must be a number"),
+    (dict(hidden_act="swishy"), "unknown hidden_act 'swishy'"),
+    (dict(rms_norm_eps="1e-6"), "`rms_norm_eps` must be a positive number"),
+    (dict(max_position_embeddings=-1), "`max_position_embeddings` must be a positive integer"),
+    (dict(attention_dropout=1.5), "`attention_dropout` must be in"),
+])
+def test_every_field_is_validated(bad, message):
+    with pytest.raises(ValueError, match=message):
+        FWPConfig(**bad)
+
+
+def test_other_unknown_keys_warn_and_saved_configs_reload_silently(tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="'my_note' is not an FWPConfig field"):
+        FWPConfig(my_note="x")
+    FWPConfig(num_hidden_layers=2).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FWPConfig.from_pretrained(tmp_path)

@@ -189,3 +189,11 @@ def test_bf16_forward_and_backward():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     ref = tiny_model(layout="lolcats")(ids).logits
     assert ((out.logits.float() - ref).abs().mean() / ref.abs().mean()).item() < 5e-2
+
+
+@pytest.mark.parametrize("options", [dict(), dict(position_embedding_type="learned", layout="hybrid")])
+def test_an_input_without_tokens_is_named(options):
+    options = dict(options)
+    model = tiny_model(layout=options.pop("layout", "fwp"), **options)
+    with pytest.raises(ValueError, match="the input has no tokens"):
+        model(torch.zeros(2, 0, dtype=torch.long))
