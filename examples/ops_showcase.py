@@ -1,4 +1,4 @@
-"""A tour of the FWP ops (what `make demo` runs until the real-model conversion lands).
+"""A tour of the FWP ops (`make ops-demo`).
 
 1. The four rules through every backend available here: agreement with the token-by-token spec and timings.
 2. Streaming: a long sequence processed in one call equals the same sequence fed in pieces (passing the state),

@@ -59,11 +59,21 @@ def check_inputs(
         )
     if T == 0:
         raise ValueError(f"{op}: sequence length T must be at least 1; got q with {_shape(q)}.")
+    if K == 0 or v.shape[-1] == 0 or H == 0 or B == 0:
+        raise ValueError(f"{op}: batch, heads and head dims must be at least 1; got q {_shape(q)}, v {_shape(v)}.")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise ValueError(f"{op}: q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them "
+                         "first (e.g. .to(q.dtype)).")
     if beta is not None:
         _check_gate(beta, "beta", (B, T, H), op)
     if g is not None:
         _check_gate(g, "g", (B, T, H), op)
     V = v.shape[-1]
+    if initial_state is not None and not isinstance(initial_state, torch.Tensor):
+        raise ValueError(f"{op}: `initial_state` must be a torch.Tensor or None; got {type(initial_state).__name__}.")
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"{op}: `cu_seqlens` must be a 1-D int32/int64 tensor of offsets [N + 1]; got a "
+                         f"{type(cu_seqlens).__name__} (wrap it: torch.tensor(..., dtype=torch.int32)).")
     devices = {t.device for t in (q, k, v, beta, g, initial_state, cu_seqlens) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}.")
@@ -86,6 +96,11 @@ def check_inputs(
             f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); got "
             f"tensors on {q.device}. Use backend='auto' or 'chunk' on CPU."
         )
+
+
+def check_chunk_size(chunk_size, op: str) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{op}: `chunk_size` must be a positive int (e.g. 64); got {chunk_size!r}.")
 
 
 def _check_gate(t: torch.Tensor, name: str, shape: tuple[int, int, int], op: str) -> None:

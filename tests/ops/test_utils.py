@@ -36,6 +36,13 @@ def _call(**over):
         (dict(backend="cuda"), r"backend='cuda' is not one of"),
         (dict(q=torch.randn(B, 0, H, K), k=torch.randn(B, 0, H, K), v=torch.randn(B, 0, H, V),
               beta=torch.rand(B, 0, H), g=-torch.rand(B, 0, H)), r"T must be at least 1"),
+        (dict(q=torch.randn(B, T, H, 0), k=torch.randn(B, T, H, 0)), r"head dims must be at least 1"),
+        (dict(k=torch.randn(B, T, H, K, dtype=torch.float64)), r"q, k and v must share one dtype"),
+        (dict(beta=None), r"`beta` \(writing strength \[B, T, H\]\) is required"),
+        (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
+        (dict(chunk_size=-8), r"`chunk_size` must be a positive int"),
+        (dict(chunk_size=16.0), r"`chunk_size` must be a positive int"),
+        (dict(initial_state=[[0.0]]), r"`initial_state` must be a torch.Tensor"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(over, pattern):
@@ -57,6 +64,7 @@ def test_device_mismatch_is_reported():
         (torch.tensor([1, 4, 10]), "start at 0"),
         (torch.tensor([0.0, 10.0]), "1-D int32/int64"),
         (torch.tensor([0, 5, 5, 10]), "strictly increasing"),
+        ([0, 4, 10], "got a list"),
     ],
 )
 def test_bad_cu_seqlens(cu, pattern):

@@ -6,7 +6,7 @@ import torch
 
 from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
 from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
-from hf_fwp.ops.utils import check_inputs
+from hf_fwp.ops.utils import check_chunk_size, check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
 
@@ -38,7 +38,11 @@ def delta_rule(
     Returns:
         ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
     """
+    if beta is None:
+        raise ValueError("delta_rule: `beta` (writing strength [B, T, H]) is required; for no delta correction use "
+                         "linear_attention.")
     check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, backend, "delta_rule")
+    check_chunk_size(chunk_size, "delta_rule")
     kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     requested = backend

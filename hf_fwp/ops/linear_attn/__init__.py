@@ -6,7 +6,7 @@ import torch
 
 from hf_fwp.ops.dispatch import floor_gate, resolve_backend
 from hf_fwp.ops.linear_attn.reference import chunk_linear_attention, naive_linear_attention
-from hf_fwp.ops.utils import check_inputs
+from hf_fwp.ops.utils import check_chunk_size, check_inputs
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -42,6 +42,7 @@ def linear_attention(
         ``(o, S)``: o ``[B, T, H, V]`` in v's dtype and the float32 final state ``[B, H, K, V]`` or None.
     """
     check_inputs(q, k, v, None, g, initial_state, cu_seqlens, backend, "linear_attention")
+    check_chunk_size(chunk_size, "linear_attention")
     kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     backend = resolve_backend(backend, q, "linear_attention")
