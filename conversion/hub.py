@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # What a model folder written by hf-fwp holds and push uploads (everything else, e.g. checkpoints, stays local).
-UPLOAD_PATTERNS = ("*.json", "*.safetensors", "*.py", "*.md", "*.txt", "*.model", "*.png")
+# Text files only by name: a stray notes.txt in the folder must not be published.
+UPLOAD_PATTERNS = ("*.json", "*.safetensors", "*.py", "README.md", "merges.txt", "vocab.txt", "*.model", "*.png")
 
 
 def load_teacher(spec: str, *, dtype=None):
@@ -59,9 +60,20 @@ def files_to_upload(folder) -> list[str]:
 
 def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None) -> list[str]:
     """Upload a saved model folder to ``repo_id`` with ``huggingface_hub``; ``dry_run`` only returns the file list."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is not a valid Hub repository id (user/name): {e}") from None
     files = files_to_upload(folder)
     if dry_run:
         return files
+    from huggingface_hub import get_token
+
+    if token is None and get_token() is None:
+        raise ValueError("no Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, "
+                         "then push again.")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
+from hf_fwp.conversion.architectures import ARCHITECTURES
 from hf_fwp.conversion.convert import convert
 from hf_fwp.conversion.distill import attention_transfer
 from hf_fwp.conversion.evaluate import compare, report
@@ -116,6 +117,14 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     from accelerate import PartialState
 
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: choose a folder path for the run.")
+    arch = ARCHITECTURES.get(type(teacher).__name__)
+    fields = arch.config_map(teacher.config) if arch is not None else {}
+    limit = fields.get("max_position_embeddings")
+    if fields.get("position_embedding_type") == "learned" and limit and recipe.block_size > limit:
+        raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
+                         "learned position table: use a block size <= that.")
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: resume that run (resume=True, or --resume on the command line), or "
                          "choose a new folder.")

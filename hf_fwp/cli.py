@@ -153,12 +153,22 @@ def _convert_run(args) -> int:
     return 0
 
 
-def _data_args(p, required=True):
-    p.add_argument("--data", nargs="+", required=required,
-                   help="text/jsonl/parquet files, or a Hub dataset name, to train on")
-    p.add_argument("--eval-data", nargs="+", default=None, help="held-out files (default: 10%% of --data)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--block-size", type=int, default=256)
+def _data_args(p, required=True, training=True):
+    from hf_fwp.conversion.pipeline import Recipe
+
+    if training:
+        p.add_argument("--data", nargs="+", required=required,
+                       help="text/jsonl/parquet files, or a Hub dataset name, to train on")
+        p.add_argument("--eval-data", nargs="+", default=None,
+                       help="held-out files, never trained on (default: 10%% of --data)")
+    else:
+        p.add_argument("--data", nargs="+", required=required,
+                       help="held-out text/jsonl/parquet files (or a Hub dataset name) to evaluate on")
+        p.add_argument("--eval-data", nargs="+", default=None, help="alias of --data, for a distill command line")
+    p.add_argument("--text-column", default="text", help="column holding the text in jsonl/parquet data "
+                   "(default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=Recipe().block_size,
+                   help="tokens per training / evaluation block (default: %(default)s)")
 
 
 def _pack(sources: list[str], args, tokenizer):
@@ -189,14 +199,24 @@ def _distill_args(p):
     p.add_argument("output", help="run folder (stage1/, stage2/ checkpoints, model/)")
     _fwp_args(p)
     _data_args(p)
-    g = p.add_argument_group("training")
-    g.add_argument("--stage1-steps", type=int, default=100)
-    g.add_argument("--stage2-steps", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--temperature", type=float, default=2.0)
-    g.add_argument("--ce-weight", type=float, default=0.0)
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+    from hf_fwp.conversion.pipeline import Recipe
+
+    d = Recipe()
+    g = p.add_argument_group("training (defaults: Recipe())")
+    g.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+                   help="attention-transfer steps, only the new FWP parameters train (default: %(default)s)")
+    g.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                   help="LoRA + logit-distillation steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="blocks per step (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="rank of the stage-2 LoRA adapters "
+                   "(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="softmax temperature of the distillation KL (default: %(default)s)")
+    g.add_argument("--ce-weight", type=float, default=d.ce_weight,
+                   help="weight of the next-token cross-entropy added to the KL (default: %(default)s)")
+    g.add_argument("--save-steps", type=int, default=d.save_steps,
+                   help="stage-2 checkpoint interval: what --resume can recover (default: every %(default)s steps)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT (same options)")
 
 
 # Recipe fields whose command-line flag is not simply --field-name.
@@ -212,7 +232,7 @@ def _distill_run(args) -> int:
     try:  # every option is checked before the teacher loads
         recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
-                         temperature=args.temperature, ce_weight=args.ce_weight)
+                         temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps)
     except RecipeError as e:
         raise CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
     teacher, tokenizer = _load_teacher(args.teacher)
@@ -220,8 +240,8 @@ def _distill_run(args) -> int:
     try:
         result = pipeline.run(teacher, tokenizer, train, held, recipe, args.output, resume=args.resume,
                               base_model=args.teacher)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    except (ValueError, OSError) as e:  # OSError: an unwritable or impossible OUTPUT
+        raise CLIError(" ".join(str(e).split())) from None
     from hf_fwp.conversion.evaluate import report
 
     print(report(result))
@@ -232,8 +252,9 @@ def _distill_run(args) -> int:
 def _eval_args(p):
     p.add_argument("model", help="the FWP (student) model folder")
     p.add_argument("--teacher", required=True, help="model folder, .gguf file or Hub id to compare with")
-    _data_args(p)
-    p.add_argument("--max-blocks", type=int, default=32)
+    _data_args(p, training=False)
+    p.add_argument("--max-blocks", type=int, default=32, help="evaluate on at most this many blocks "
+                   "(default: %(default)s)")
     p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
 
 
@@ -254,12 +275,17 @@ def _eval_run(args) -> int:
 def _generate_args(p):
     p.add_argument("model", help="model folder, .gguf file or Hub id")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate per prompt "
+                   "(default: %(default)s)")
 
 
 def _generate_run(args) -> int:
     from hf_fwp.conversion.evaluate import generate_samples
 
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
+    if any(not p.strip() for p in args.prompt):
+        raise CLIError("--prompt must not be empty: give the text to continue.")
     model, tokenizer = _load_teacher(args.model)
     texts, tps = generate_samples(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     for prompt, text in zip(args.prompt, texts):
@@ -271,7 +297,7 @@ def _generate_run(args) -> int:
 def _push_args(p):
     p.add_argument("folder", help="a saved model folder (e.g. RUN/model)")
     p.add_argument("repo_id", help="user/name on the Hugging Face Hub")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
 
 
@@ -280,8 +306,11 @@ def _push_run(args) -> int:
 
     try:
         files = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(" ".join(str(e).split())) from None
+    except Exception as e:  # network and Hub errors: one line, whatever huggingface_hub raised
+        raise CLIError(f"upload to {args.repo_id} failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") \
+            from None
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} to {args.repo_id}:\n" + "\n".join(f"  {f}" for f in files))
     return 0

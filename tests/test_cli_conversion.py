@@ -176,3 +176,59 @@ def test_damaged_weights_and_missing_tokenizer_are_one_line_errors(teacher_dir, 
     assert main(["convert", str(no_tok), str(tmp_path / "out")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("hf-fwp: error:") and "no usable tokenizer" in err[0]
+
+
+def test_generate_push_and_output_mistakes_are_one_line_errors(teacher_dir, tmp_path, capsys, monkeypatch):
+    model = str(teacher_dir / "teacher")
+    assert main(["generate", model, "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+    assert main(["generate", model, "--prompt", " "]) == 2
+    assert "--prompt must not be empty" in capsys.readouterr().err
+    # distill into an existing file, and into a folder that cannot be created
+    a_file = tmp_path / "run.txt"
+    a_file.write_text("x")
+    data = ["--data", str(teacher_dir / "train.txt"), "--block-size", "16", "--stage1-steps", "1", "--stage2-steps", "1"]
+    assert main(["distill", model, str(a_file), *data]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "x"
+    assert main(["distill", model, str(a_file / "run"), *data]) == 2
+    assert capsys.readouterr().err.count("hf-fwp: error:") == 1
+    # push: a bad repo id even in a dry run; stray files stay out; no token is a clear message
+    folder = tmp_path / "model"
+    assert main(["convert", model, str(folder)]) == 0
+    (folder / "notes.txt").write_text("private")
+    assert main(["push", str(folder), "not a valid id!!", "--dry-run"]) == 2
+    assert "not a valid Hub repository id" in capsys.readouterr().err
+    assert main(["push", str(folder), "me/model", "--dry-run"]) == 0
+    assert "notes.txt" not in capsys.readouterr().out
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert main(["push", str(folder), "me/model"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+
+
+def test_learned_positions_bound_the_block_size_before_any_work(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conversion.test_stage2 import _tokenizer
+
+    tok = _tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=16)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "train.txt").write_text("some text to train on\n" * 50)
+    run = tmp_path / "run"
+    assert main(["distill", str(tmp_path / "gpt2"), str(run), "--data", str(tmp_path / "train.txt"),
+                 "--block-size", "32"]) == 2
+    assert "longer than the 16 positions" in capsys.readouterr().err and not run.exists()
+
+
+def test_help_shows_defaults_and_describes_every_option(capsys):
+    for command, expected in [("distill", ["--stage2-steps STAGE2_STEPS", "(default: 100)", "--save-steps",
+                                           "what --resume can recover"]),
+                              ("eval", ["held-out text", "(default: 32)"]),
+                              ("generate", ["(default: 40)"]), ("push", ["as private"])]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for piece in expected:
+            assert piece in text, (command, piece)
