@@ -32,6 +32,11 @@ def plan_layer_types(num_layers: int, source_types: list[str], keep_softmax="non
     """
     if fwp_layer_type not in ("linear_attention", "hybrid_sliding"):
         raise ValueError(f"fwp_layer_type must be 'linear_attention' or 'hybrid_sliding', got {fwp_layer_type!r}.")
+    if isinstance(keep_softmax, bool) or (isinstance(keep_softmax, str) and keep_softmax not in ("all", "none")) \
+            or not isinstance(keep_softmax, (str, int, list, tuple, set, type(None))):
+        raise ValueError(f"keep_softmax must be 'all', 'none', an int k (every k-th layer) or a list of layer indices "
+                         f"like [0, 3]; got {keep_softmax!r} (the command line's 'every:2' / '0,3' forms are "
+                         "written 2 / [0, 3] in Python).")
     if keep_softmax == "all":
         keep = set(range(num_layers))
     elif keep_softmax in ("none", None):

@@ -130,6 +130,9 @@ def trainable_fwp_parameters(student) -> list[torch.nn.Parameter]:
             p.requires_grad_(True)
             params.append(p)
     if not params:
+        if all(t in ("full_attention", "sliding_attention") for t in student.config.layer_types):
+            raise ValueError("Every layer stayed softmax (keep_softmax='all'): there is nothing to distill; convert "
+                             "only (hf-fwp convert) or keep fewer layers.")
         raise ValueError("The student has no FWP parameters to train (identity feature maps and no gates?). Use a "
                          "learned feature map (hedgehog, t2r) or a gated/delta rule.")
     return params

@@ -101,3 +101,9 @@ def test_options_the_source_fixes_are_refused_with_the_right_name():
     for option in (dict(hidden_size=64), dict(vocab_size=10), dict(num_attention_heads=2)):
         with pytest.raises(ValueError, match=rf"\['{next(iter(option))}'\] come from the source model's config"):
             convert(src, **option)
+
+
+@pytest.mark.parametrize("keep", ["every:2", "0,3", "ALL", True, 1.5])
+def test_keep_softmax_in_command_line_spelling_is_explained(keep):
+    with pytest.raises(ValueError, match="keep_softmax must be 'all', 'none', an int k"):
+        plan_layer_types(4, ["full_attention"] * 4, keep)

@@ -55,3 +55,10 @@ def test_attention_transfer_lowers_the_error_and_trains_only_new_parameters(make
     assert changed and all(any(k in n for k in ("feature_map", "b_proj", "a_proj", "A_log", "dt_bias", "mix_logit"))
                            for n in changed), changed
     assert "| layer |" in result.table()
+
+
+def test_an_all_softmax_student_is_told_there_is_nothing_to_distill():
+    from hf_fwp.conversion.distill import trainable_fwp_parameters
+
+    with pytest.raises(ValueError, match="Every layer stayed softmax"):
+        trainable_fwp_parameters(convert(_llama(), keep_softmax="all"))
