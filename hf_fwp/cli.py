@@ -1,7 +1,8 @@
 """``hf-fwp``: the command line, a thin layer over the public API.
 
-Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_arguments, run)); user mistakes raise
-:class:`CLIError` and are printed as one line without a traceback.
+Subcommands register themselves in :data:`COMMANDS` (name -> (add_arguments, run); their one-line helps live in
+the light entry module ``hf_fwp_cli``, which answers ``--version`` and ``--help`` without importing torch); user
+mistakes raise :class:`CLIError` and are printed as one line without a traceback.
 """
 
 from __future__ import annotations
@@ -316,26 +317,23 @@ def _push_run(args) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "convert": ("turn a pretrained softmax LM into an FWP (no training)", _convert_args, _convert_run),
-    "distill": ("convert, then distill (attention transfer, LoRA + KL) and save", _distill_args, _distill_run),
-    "eval": ("perplexity, samples and speed of a student beside its teacher", _eval_args, _eval_run),
-    "generate": ("generate text with a model", _generate_args, _generate_run),
-    "push": ("upload a saved model folder to the Hugging Face Hub", _push_args, _push_run),
-    "env": ("print versions and which op backend 'auto' picks", _env_args, _env_run),
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "convert": (_convert_args, _convert_run),
+    "distill": (_distill_args, _distill_run),
+    "eval": (_eval_args, _eval_run),
+    "generate": (_generate_args, _generate_run),
+    "push": (_push_args, _push_run),
+    "env": (_env_args, _env_run),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-fwp",
-        description="Fast Weight Programmers (linear attention, DeltaNet, Gated DeltaNet) for Hugging Face "
-        "Transformers.",
-    )
-    parser.add_argument("--version", action="version", version=f"hf-fwp {hf_fwp.__version__}")
+    from hf_fwp_cli import COMMAND_HELP, top_parser
+
+    parser = top_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    for name, (add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=COMMAND_HELP[name], description=COMMAND_HELP[name])
         add_args(p)
         p.set_defaults(_run=run)
     return parser

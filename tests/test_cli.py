@@ -34,3 +34,20 @@ def test_bad_device_is_a_one_line_error(capsys):
 def test_console_script_runs_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "hf_fwp.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: hf-fwp" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], []])
+def test_version_and_help_answer_without_importing_torch(args):
+    # The heavy imports take seconds on a small machine; these two answers must not wait for them.
+    code = (f"import sys, hf_fwp_cli\ntry:\n    hf_fwp_cli.main({args!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (f"hf-fwp {hf_fwp.__version__}" in out.stdout) if args == ["--version"] else ("convert" in out.stdout)
+
+
+def test_installed_command_is_the_light_entry_point():
+    from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).with_name("hf-fwp")), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"hf-fwp {hf_fwp.__version__}"
