@@ -33,6 +33,12 @@ def load_text(source: str | Path | list, *, split: str = "train", text_column: s
             raise ValueError(f"Cannot read {[str(p) for p in paths]} as {_BUILDERS[paths[0].suffix.lower()]} data: "
                              f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     elif len(sources) == 1 and not any(sep in str(sources[0]) for sep in ("\\", ".txt", ".json", ".parquet")):
+        from hf_fwp.conversion.hub import check_on_hub
+
+        try:
+            check_on_hub(str(sources[0]), "dataset")
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
         ds = load_dataset(str(sources[0]), split=split)
     else:
         missing = [str(p) for p in paths if not p.exists()]

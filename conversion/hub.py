@@ -20,6 +20,8 @@ def load_teacher(spec: str, *, dtype=None):
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".gguf", ".bin", ".safetensors")
     if looks_local and not path.exists():
         raise FileNotFoundError(f"teacher {spec!r} does not exist.")
+    if not path.exists():
+        check_on_hub(spec, "model")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"teacher {spec!r} is a file but not a .gguf model; pass a model folder, a GGUF file or "
@@ -43,6 +45,31 @@ def load_teacher(spec: str, *, dtype=None):
         raise ValueError(f"{spec}: no usable tokenizer beside the model ({_one_line(e)}); save the tokenizer into "
                          "the folder (tokenizer.save_pretrained).") from None
     return model.eval(), tokenizer
+
+
+def check_on_hub(name: str, kind: str) -> None:
+    """``name`` is not a local path: make sure it is a Hub ``kind`` ("model" or "dataset") with one short request,
+    instead of letting a loader retry for a minute, and say that both readings failed. The local cache counts (an
+    offline machine with the files cached is fine)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE or _in_cache(name, kind):
+        return
+    try:
+        getattr(HfApi(), f"{kind}_info")(name, timeout=10)
+    except Exception as e:
+        raise FileNotFoundError(f"{name!r} is neither a local path (nothing at {Path(name).resolve()}) nor a {kind} "
+                                f"on the Hugging Face Hub ({type(e).__name__}: {_one_line(e)[:200]}).") from None
+
+
+def _in_cache(name: str, kind: str) -> bool:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return any(r.repo_id == name and r.repo_type == kind for r in scan_cache_dir().repos)
+    except Exception:  # no cache folder yet
+        return False
 
 
 def _one_line(e: BaseException) -> str:

@@ -232,3 +232,12 @@ def test_help_shows_defaults_and_describes_every_option(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for piece in expected:
             assert piece in text, (command, piece)
+
+
+def test_a_local_path_typo_is_not_retried_as_a_hub_id(teacher_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "nonexistent_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'nonexistent_dir' is neither a local path" in err and "nor a model on the Hugging Face Hub" in err
+    assert main(["distill", str(teacher_dir / "teacher"), str(tmp_path / "run"), "--data", "nothere"]) == 2
+    assert "'nothere' is neither a local path" in capsys.readouterr().err
