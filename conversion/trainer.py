@@ -41,11 +41,12 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         extra = self._extra_trainable()
-        if extra:
+        if extra and self.args.should_save:  # the main process writes (every process gets here under torchrun)
             path = os.path.join(output_dir or self.args.output_dir, EXTRA_WEIGHTS)
             # Written beside and renamed: a kill mid-write leaves no truncated file that would load.
-            save_file({n: p.detach().cpu().contiguous() for n, p in extra.items()}, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            save_file({n: p.detach().cpu().contiguous() for n, p in extra.items()}, tmp)
+            os.replace(tmp, path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
