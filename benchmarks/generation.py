@@ -115,6 +115,10 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, mode: str, args: a
 def measure(model, context: int, batch: int, mode: str, args: argparse.Namespace) -> dict:
     ids = torch.randint(3, args.vocab_size, (batch, context), generator=torch.Generator().manual_seed(args.seed))
     ids = ids.to(args.device)
+    if mode == "compiled":
+        # Each cell compiles afresh: models of one class share code objects, and their accumulated graphs would hit
+        # dynamo's recompile limit (then it silently runs eagerly) and make later cells depend on earlier ones.
+        torch._dynamo.reset()
     try:
         warm = time.perf_counter()
         timed_generate(model, ids, 4, mode, args)  # compiles (compiled mode) and warms caches
