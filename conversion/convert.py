@@ -77,9 +77,18 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     src = model.config
     fields = arch.config_map(src)
     types = plan_layer_types(fields["num_hidden_layers"], source_layer_types(name, src), keep_softmax, fwp_layer_type)
-    window = sliding_window or getattr(src, "sliding_window", None)
+    source_window = getattr(src, "sliding_window", None)
+    window = sliding_window or source_window
     if fwp_layer_type == "hybrid_sliding" and sliding_window is None and "hybrid_sliding" in types:
         raise ValueError("fwp_layer_type='hybrid_sliding' needs sliding_window=<tokens> (e.g. 64).")
+    if "sliding_attention" in types and sliding_window is not None and sliding_window != source_window:
+        # One window field serves sliding and hybrid layers: a different hybrid window would silently change the
+        # kept layers' attention (they would no longer reproduce the source).
+        raise ValueError(
+            f"convert: the kept softmax layers of this {name} attend over a sliding window of {source_window} "
+            f"tokens, and sliding_window={sliding_window} would change them too. Use sliding_window={source_window} "
+            "for the hybrid layers, or keep no sliding-window layers (keep_softmax)."
+        )
     unknown = sorted(set(fwp_options) - set(FWPConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"convert: unknown FWPConfig options {unknown}.")

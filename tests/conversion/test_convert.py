@@ -56,6 +56,8 @@ def test_all_softmax_conversion_reproduces_the_source(name):
 def test_fwp_conversion_runs_and_generates(name, options):
     torch.manual_seed(0)
     src = _randomize(_sources()[name]())
+    if name == "mistral" and "sliding_window" in options:
+        options = dict(options, sliding_window=5)  # kept sliding layers keep the source's window
     fwp = convert(src, **options)
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
@@ -107,3 +109,17 @@ def test_options_the_source_fixes_are_refused_with_the_right_name():
 def test_keep_softmax_in_command_line_spelling_is_explained(keep):
     with pytest.raises(ValueError, match="keep_softmax must be 'all', 'none', an int k"):
         plan_layer_types(4, ["full_attention"] * 4, keep)
+
+
+def test_a_hybrid_window_never_changes_the_kept_sliding_layers():
+    src = _randomize(_sources()["mistral"]())  # window 5
+    ids = torch.randint(0, 96, (1, 12))
+    with pytest.raises(ValueError, match="sliding window of 5 tokens, and sliding_window=16 would change them too"):
+        convert(src, keep_softmax="all", sliding_window=16)
+    with pytest.raises(ValueError, match="sliding_window=5"):
+        convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=16)
+    same = convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=5)
+    assert same.config.sliding_window == 5
+    exact = convert(src, keep_softmax="all", sliding_window=5)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(ids).logits, src(ids).logits, atol=1e-5, rtol=1e-4)
