@@ -180,3 +180,39 @@ def varlen_padded(fn, qkv, g, scale, initial_state, output_final_state, cu_seqle
     o, S = fn(*args, g=pack_varlen(g, cu_seqlens), scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, **kw)
     return unpack_varlen(o, cu_seqlens), S
+
+
+def causal_nonfinite(run, q, k, v, beta, g, output_final_state: bool, cu_seqlens):
+    """Run a chunked backend so that non-finite inputs stay causal, as in the token recurrence.
+
+    Chunked products mix every token of a chunk (0 * NaN is NaN), so one NaN key would poison earlier outputs too.
+    The recurrence is causal: a non-finite k, v, beta or g at token t makes the state, and every output from t on,
+    non-finite; a non-finite q only its own output. Inputs without such values (checked once) run unchanged;
+    otherwise ``run(q, k, v, beta, g)`` gets them zeroed and that pattern is restored as NaN (a -inf gate is not
+    "non-finite" here: the public ops floor it first).
+    """
+    def bad(t, per_token: bool):
+        if t is None:
+            return None
+        finite = torch.isfinite(t)
+        return ~(finite.all(-1) if per_token else finite)
+
+    bad_q, bad_state = bad(q, True), bad(k, True) | bad(v, True)
+    for gate in (beta, g):
+        if gate is not None:
+            bad_state = bad_state | bad(gate, False)
+    if not bool(bad_q.any() or bad_state.any()):
+        return run(q, k, v, beta, g)
+    clean = [None if t is None else t.nan_to_num(0.0, 0.0, 0.0) for t in (q, k, v, beta, g)]
+    o, S = run(*clean)
+    if cu_seqlens is None:
+        after_bad = bad_state.long().cumsum(1) > 0  # [B, T, H]: at or after a poisoning token
+        state_bad = bad_state.any(1)  # [B, H]
+    else:  # per packed sequence
+        spans = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+        after_bad = torch.cat([bad_state[:, a:b].long().cumsum(1) > 0 for a, b in spans], 1)
+        state_bad = torch.stack([bad_state[0, a:b].any(0) for a, b in spans])
+    o = o.masked_fill((after_bad | bad_q)[..., None], float("nan"))
+    if output_final_state and S is not None:
+        S = S.masked_fill(state_bad[..., None, None], float("nan"))
+    return o, S

@@ -68,3 +68,27 @@ def test_the_decoding_step_resets_like_the_sequence_op():
                                     initial_state=x["initial_state"], output_final_state=True)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(state, S_ref)
+
+
+@pytest.mark.parametrize("family", ["linear", "delta"])
+@pytest.mark.parametrize("where", ["k", "v", "q", "g"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_a_non_finite_input_stays_causal_in_the_chunk_backend(family, where, varlen):
+    # The recurrence: a NaN in k, v, beta or g at t poisons the state, so outputs from t on; a NaN q only o_t.
+    T = 40
+    x = make_inputs(1, T, 2, 8, 8, beta_max=1.0 if family == "delta" else None, gate="mild", initial_state=not varlen,
+                    device=DEVICE, seed=3)
+    x[where] = x[where].clone()
+    x[where][0, 23, 1] = float("nan")
+    op, naive = (delta_rule, naive_delta_rule) if family == "delta" else (linear_attention, naive_linear_attention)
+    args = [x[n] for n in ("q", "k", "v", "beta") if n in x]
+    kw = dict(g=x["g"], initial_state=x.get("initial_state"), output_final_state=True)
+    if varlen:
+        kw["cu_seqlens"] = torch.tensor([0, 17, T], device=DEVICE)
+    o, S = op(*args, backend="chunk", chunk_size=16, **kw)
+    o_ref, S_ref = naive(*args, **kw)
+    assert torch.equal(torch.isnan(o), torch.isnan(o_ref)), where
+    assert torch.equal(torch.isnan(S), torch.isnan(S_ref))
+    finite = ~torch.isnan(o_ref)
+    torch.testing.assert_close(o[finite], o_ref[finite], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(o[0, :23]).all()  # what came before stays exact

@@ -6,7 +6,7 @@ import torch
 
 from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
 from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
-from hf_fwp.ops.utils import check_chunk_size, check_inputs
+from hf_fwp.ops.utils import causal_nonfinite, check_chunk_size, check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
 
@@ -53,7 +53,10 @@ def delta_rule(
     if backend == "naive":
         return naive_delta_rule(q, k, v, beta, **kwargs)
     if backend == "chunk":
-        return chunk_delta_rule(q, k, v, beta, chunk_size=chunk_size, **kwargs)
+        def run(q, k, v, beta, g):
+            return chunk_delta_rule(q, k, v, beta, chunk_size=chunk_size, **{**kwargs, "g": g})
+
+        return causal_nonfinite(run, q, k, v, beta, kwargs["g"], output_final_state, cu_seqlens)
     from hf_fwp.ops.delta_rule.triton import triton_delta_rule
 
     return triton_delta_rule(q, k, v, beta, **kwargs)
