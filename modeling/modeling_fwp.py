@@ -300,11 +300,11 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         Returns ``{"linear_attention": None, "full_attention": [B, 1, 1, L], "sliding_attention": ...}`` for the
         kinds the model has (``hybrid_sliding`` layers use the sliding mask)."""
         B, T = inputs_embeds.shape[:2]
-        if T != 1 or cache is None:
-            return attention_mask
+        if T != 1 or cache is None or (attention_mask is not None and attention_mask.dim() != 2):
+            return attention_mask  # prefill, or a mask the forward validates (and refuses if not 2-D) itself
         past = _past_length(cache)
-        if attention_mask is not None and (attention_mask.dim() != 2 or bool(attention_mask.all())):
-            attention_mask = None if attention_mask.dim() == 2 else attention_mask
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: causality (and the window) only
         masks = {"linear_attention": None}
         for kind, window in (("full_attention", None), ("sliding_attention", config.sliding_window)):
             kinds = ("full_attention",) if window is None else ("sliding_attention", "hybrid_sliding")
