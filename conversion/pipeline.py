@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from hf_fwp.conversion.architectures import ARCHITECTURES
 from hf_fwp.conversion.convert import convert
-from hf_fwp.conversion.distill import attention_transfer
+from hf_fwp.conversion.distill import attention_transfer, trainable_fwp_parameters
 from hf_fwp.conversion.evaluate import compare, report
 from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora, last_complete_checkpoint
 
@@ -139,21 +139,25 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     )
     # Under torchrun / accelerate launch every process runs the (deterministic) stage 1, only the main one writes.
     state = PartialState()
-    state.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_record_recipe(out / "recipe.json", recipe, resume, state.is_main_process)
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
     teacher.eval()
     stage1_dir = out / "stage1"
-    if resume and (stage1_dir / "config.json").exists():
-        student = FWPForCausalLM.from_pretrained(stage1_dir)
-        transfer = json.loads((stage1_dir / "transfer.json").read_text())
-    else:
+    resumed_stage1 = resume and (stage1_dir / "config.json").exists()
+    if not resumed_stage1:
+        # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
         student = convert(teacher, **recipe.convert_options())
+        trainable_fwp_parameters(student)
         batches = _batches(train_blocks, recipe.batch_size)
         if not batches:
             raise ValueError(f"Need at least batch_size={recipe.batch_size} training blocks; got {len(train_blocks)}.")
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_record_recipe(out / "recipe.json", recipe, resume, state.is_main_process)
+    if resumed_stage1:
+        student = FWPForCausalLM.from_pretrained(stage1_dir)
+        transfer = json.loads((stage1_dir / "transfer.json").read_text())
+    else:
         result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
                                     eval_batches=_batches(eval_blocks, recipe.batch_size)[:2] or batches[:1],
                                     progress=progress)

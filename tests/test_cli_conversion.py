@@ -241,3 +241,12 @@ def test_a_local_path_typo_is_not_retried_as_a_hub_id(teacher_dir, tmp_path, cap
     assert "'nonexistent_dir' is neither a local path" in err and "nor a model on the Hugging Face Hub" in err
     assert main(["distill", str(teacher_dir / "teacher"), str(tmp_path / "run"), "--data", "nothere"]) == 2
     assert "'nothere' is neither a local path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--keep-softmax", "7"], "are not layers of this 2-layer model"),
+                                            (["--keep-softmax", "all"], "Every layer stayed softmax")])
+def test_a_refused_layout_leaves_no_run_folder(teacher_dir, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert main(["distill", str(teacher_dir / "teacher"), str(run), "--data", str(teacher_dir / "train.txt"),
+                 "--block-size", "16", *flags]) == 2
+    assert message in capsys.readouterr().err and not run.exists()
