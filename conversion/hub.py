@@ -82,6 +82,9 @@ def files_to_upload(folder) -> list[str]:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json).")
     files = {p for pattern in UPLOAD_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise FileNotFoundError(f"{folder} has a config.json but no model weights (*.safetensors): save the model "
+                                "into it (save_pretrained) before pushing.")
     return sorted(str(p.relative_to(folder)) for p in files)
 
 

@@ -250,3 +250,9 @@ def test_a_refused_layout_leaves_no_run_folder(teacher_dir, tmp_path, capsys, fl
     assert main(["distill", str(teacher_dir / "teacher"), str(run), "--data", str(teacher_dir / "train.txt"),
                  "--block-size", "16", *flags]) == 2
     assert message in capsys.readouterr().err and not run.exists()
+
+
+def test_push_refuses_a_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["push", str(tmp_path), "me/model", "--dry-run"]) == 2
+    assert "no model weights" in capsys.readouterr().err
