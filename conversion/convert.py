@@ -62,7 +62,7 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
             ``GPT2LMHeadModel`` (see :func:`supported_architectures`).
         keep_softmax: which layers stay softmax (see :func:`plan_layer_types`); ``"all"`` reproduces the source.
         fwp_layer_type: ``"linear_attention"`` (pure FWP) or ``"hybrid_sliding"`` (sliding softmax + FWP).
-        sliding_window: window of hybrid layers (required for them).
+        sliding_window: window of hybrid layers (required for them); kept sliding-window layers keep the source's.
         **fwp_options: any FWPConfig FWP field (``fwp_rule``, ``feature_map``, ``normalize_attention``, ...);
             defaults in :data:`CONVERSION_DEFAULTS`.
 
@@ -77,18 +77,11 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     src = model.config
     fields = arch.config_map(src)
     types = plan_layer_types(fields["num_hidden_layers"], source_layer_types(name, src), keep_softmax, fwp_layer_type)
-    source_window = getattr(src, "sliding_window", None)
-    window = sliding_window or source_window
     if fwp_layer_type == "hybrid_sliding" and sliding_window is None and "hybrid_sliding" in types:
         raise ValueError("fwp_layer_type='hybrid_sliding' needs sliding_window=<tokens> (e.g. 64).")
-    if "sliding_attention" in types and sliding_window is not None and sliding_window != source_window:
-        # One window field serves sliding and hybrid layers: a different hybrid window would silently change the
-        # kept layers' attention (they would no longer reproduce the source).
-        raise ValueError(
-            f"convert: the kept softmax layers of this {name} attend over a sliding window of {source_window} "
-            f"tokens, and sliding_window={sliding_window} would change them too. Use sliding_window={source_window} "
-            "for the hybrid layers, or keep no sliding-window layers (keep_softmax)."
-        )
+    # Kept sliding layers keep the source's window; hybrid layers get their own (FWPConfig.hybrid_window).
+    kept_window = getattr(src, "sliding_window", None) if "sliding_attention" in types else None
+    hybrid_window = sliding_window if "hybrid_sliding" in types else None
     unknown = sorted(set(fwp_options) - set(FWPConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"convert: unknown FWPConfig options {unknown}.")
@@ -101,8 +94,8 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
         raise ValueError(f"convert: {owned} come from the source model's config ({name}) and cannot change in a "
                          "conversion (the pretrained weights fix them).")
     config = FWPConfig(**{**fields, **CONVERSION_DEFAULTS, **fwp_options, "layer_types": types,
-                          "sliding_window": window if any(t != "full_attention" and t != "linear_attention"
-                                                          for t in types) else None})
+                          "sliding_window": kept_window if kept_window is not None else hybrid_window,
+                          "hybrid_window": hybrid_window if kept_window not in (None, hybrid_window) else None})
     sd = model.state_dict()
     out = FWPForCausalLM(config)
     target = out.state_dict()

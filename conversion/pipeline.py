@@ -221,7 +221,8 @@ def model_card(result: dict, base_model: str, config) -> str:
     for t in config.layer_types:
         kinds[t] = kinds.get(t, 0) + 1
     layout = ", ".join(f"{n} x `{t}`" for t, n in kinds.items())
-    window = f", window {config.sliding_window}" if config.sliding_window else ""
+    window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
+    window = f", window {window}" if window else ""
     return f"""---
 base_model: {base_model}
 library_name: transformers

@@ -37,6 +37,9 @@ class FWPConfig(PreTrainedConfig):
     use_output_norm / use_output_gate: per-head RMSNorm of the FWP output, optionally times ``silu(g_proj(x))``.
     normalize_attention: classic linear attention with the denominator ``phi(q)^T sum phi(k)`` (linear rules only).
     fwp_scale: query scale of the FWP read-out (default ``feature_dim ** -0.5``).
+    hybrid_window: window of ``hybrid_sliding`` layers when it differs from ``sliding_window`` (the window of
+        ``sliding_attention`` layers, e.g. the kept layers of a converted Mistral); None: ``sliding_window``.
+        Caches learn it through transformers' ``per_layer_config``, which this config fills in.
     hybrid_mix_init: initial per-head weight lambda of the FWP branch in hybrid layers,
         ``o = (1 - lambda) * softmax_window + lambda * fwp`` (lambda = sigmoid of a learned logit).
     fwp_backend / chunk_size: op backend (``"auto"``: Triton on CUDA, chunked torch elsewhere) and chunk length.
@@ -77,6 +80,7 @@ class FWPConfig(PreTrainedConfig):
     qk_norm: bool = False
     layer_types: list[str] | None = None
     sliding_window: int | None = None
+    hybrid_window: int | None = None
     fwp_rule: str = "gated_delta"
     feature_map: str = "identity"
     share_feature_map: bool = False
@@ -114,6 +118,15 @@ class FWPConfig(PreTrainedConfig):
             self.layer_types = list(self.layer_types)
         # Our checks run here (not as a strict `validate_*` hook) so that users get a plain ValueError.
         self.check_fwp_fields()
+        hybrids = [i for i, t in enumerate(self.layer_types) if t == "hybrid_sliding"]
+        if hybrids and self.hybrid_window is not None and self.hybrid_window != self.sliding_window:
+            # transformers' caches size each window layer from its per-layer config: give hybrid layers theirs.
+            per_layer = {int(k): dict(v) for k, v in (kwargs.pop("per_layer_config", None) or {}).items()}
+            for i in hybrids:
+                per_layer.setdefault(i, {})["sliding_window"] = self.hybrid_window
+            kwargs["per_layer_config"] = per_layer
+            # `config.sliding_window` stays readable: it is the window of sliding_attention layers.
+            self.allow_global_per_layer_attribute_access = True
         super().__post_init__(**kwargs)
 
     # Validation -------------------------------------------------------------------------------------------------
@@ -162,12 +175,15 @@ class FWPConfig(PreTrainedConfig):
         bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
         if bad:
             raise ValueError(f"FWPConfig: unknown layer_types {bad}; each entry must be one of {LAYER_TYPES}.")
-        windowed = [i for i, t in enumerate(self.layer_types) if t in ("sliding_attention", "hybrid_sliding")]
-        if windowed and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ValueError(
-                f"FWPConfig: layers {windowed} use a sliding window, so `sliding_window` must be a positive int "
-                f"(got {self.sliding_window!r})."
-            )
+        for kind in ("sliding_attention", "hybrid_sliding"):
+            windowed = [i for i, t in enumerate(self.layer_types) if t == kind]
+            window = self.layer_window(kind)
+            if windowed and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+                name = "hybrid_window` (or `sliding_window" if kind == "hybrid_sliding" else "sliding_window"
+                raise ValueError(f"FWPConfig: layers {windowed} use a sliding window, so `{name}` must be a positive "
+                                 f"int (got {window!r}).")
+        if self.hybrid_window is not None and (not isinstance(self.hybrid_window, int) or self.hybrid_window < 1):
+            raise ValueError(f"FWPConfig: `hybrid_window` must be None or a positive int, got {self.hybrid_window!r}.")
         if self.fwp_rule in ("delta", "gated_delta") and not self.qk_l2norm and not self.allow_unnormalized_delta:
             raise ValueError(
                 f"FWPConfig: the {self.fwp_rule!r} rule needs unit-norm keys to stay stable; set qk_l2norm=True, or "
@@ -189,6 +205,13 @@ class FWPConfig(PreTrainedConfig):
             raise ValueError(f"FWPConfig: hybrid_mix_init must be in (0, 1), got {self.hybrid_mix_init}.")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"FWPConfig: RoPE needs an even head_dim, got {self.head_dim}.")
+
+    def layer_window(self, layer_type: str) -> int | None:
+        """The attention window of a layer kind: ``hybrid_window`` (else ``sliding_window``) for hybrid layers,
+        ``sliding_window`` for sliding ones, None otherwise."""
+        if layer_type == "hybrid_sliding":
+            return self.hybrid_window if self.hybrid_window is not None else self.__dict__.get("sliding_window")
+        return self.__dict__.get("sliding_window") if layer_type == "sliding_attention" else None
 
     # Properties and constructors ----------------------------------------------------------------------------------
     @property

@@ -97,7 +97,7 @@ class FWPDecoderLayer(GradientCheckpointingLayer):
         elif kind == "hybrid_sliding":
             self.self_attn = FWPAttention(config, layer_idx, hybrid=True)
         else:
-            window = config.sliding_window if kind == "sliding_attention" else None
+            window = config.layer_window(kind)
             self.self_attn = SoftmaxAttention(config, layer_idx, window)
         self.input_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
@@ -203,9 +203,8 @@ class FWPModel(FWPPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
         for layer in self.layers:
-            kind = "full_attention" if layer.layer_type == "full_attention" else "sliding_attention"
             hidden_states = layer(hidden_states, position_embeddings=position_embeddings, cache=cache, past=past,
-                                  attention_mask=attention_mask, mask=ready.get(kind))
+                                  attention_mask=attention_mask, mask=ready.get(layer.layer_type))
         if isinstance(cache, FWPCache):
             cache.seen_tokens += T
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
@@ -297,8 +296,8 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         mask logic and no host sync (the cached length is read here). Multi-token steps (prefill) run eagerly and
         keep the 2-D mask, which the model turns into blocked sliding-window attention.
 
-        Returns ``{"linear_attention": None, "full_attention": [B, 1, 1, L], "sliding_attention": ...}`` for the
-        kinds the model has (``hybrid_sliding`` layers use the sliding mask)."""
+        Returns ``{"linear_attention": None, "full_attention": [B, 1, 1, L], "sliding_attention": ...,
+        "hybrid_sliding": ...}`` for the layer kinds the model has (each windowed kind has its own window)."""
         B, T = inputs_embeds.shape[:2]
         if T != 1 or cache is None or (attention_mask is not None and attention_mask.dim() != 2):
             return attention_mask  # prefill, or a mask the forward validates (and refuses if not 2-D) itself
@@ -306,13 +305,12 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: causality (and the window) only
         masks = {"linear_attention": None}
-        for kind, window in (("full_attention", None), ("sliding_attention", config.sliding_window)):
-            kinds = ("full_attention",) if window is None else ("sliding_attention", "hybrid_sliding")
-            idx = next((i for i, t in enumerate(config.layer_types) if t in kinds), None)
+        for kind in ("full_attention", "sliding_attention", "hybrid_sliding"):
+            idx = next((i for i, t in enumerate(config.layer_types) if t == kind), None)
             if idx is None:
                 continue
             L, kv_offset = cache.get_mask_sizes(T, idx)
-            allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window,
+            allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=config.layer_window(kind),
                                         key_mask=attention_mask, device=inputs_embeds.device)
             masks[kind] = allowed.expand(B, 1, T, L).contiguous()
         return masks

@@ -78,7 +78,7 @@ class FWPAttention(QKVProjections):
         if config.use_output_gate:
             self.g_proj = nn.Linear(config.hidden_size, H * D, bias=False)
         if hybrid:
-            self.softmax = SoftmaxBranch(config, layer_idx, config.sliding_window)
+            self.softmax = SoftmaxBranch(config, layer_idx, config.layer_window("hybrid_sliding"))
             self.mix_logit = nn.Parameter(torch.zeros(H))
         self.reset_fwp_parameters()
 

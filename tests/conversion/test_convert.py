@@ -114,12 +114,15 @@ def test_keep_softmax_in_command_line_spelling_is_explained(keep):
 def test_a_hybrid_window_never_changes_the_kept_sliding_layers():
     src = _randomize(_sources()["mistral"]())  # window 5
     ids = torch.randint(0, 96, (1, 12))
-    with pytest.raises(ValueError, match="sliding window of 5 tokens, and sliding_window=16 would change them too"):
-        convert(src, keep_softmax="all", sliding_window=16)
-    with pytest.raises(ValueError, match="sliding_window=5"):
-        convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=16)
-    same = convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=5)
-    assert same.config.sliding_window == 5
-    exact = convert(src, keep_softmax="all", sliding_window=5)
+    exact = convert(src, keep_softmax="all", sliding_window=16)  # no hybrid layers: the window is not used
     with torch.no_grad():
         torch.testing.assert_close(exact(ids).logits, src(ids).logits, atol=1e-5, rtol=1e-4)
+    mixed = convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=16)
+    assert mixed.config.sliding_window == 5 and mixed.config.layer_window("hybrid_sliding") == 16
+    # The kept layer 0 computes what the source's layer 0 computes (window 5, not 16).
+    outs = {}
+    mixed.model.layers[0].register_forward_hook(lambda m, a, o: outs.__setitem__("fwp", o))
+    src.model.layers[0].register_forward_hook(lambda m, a, o: outs.__setitem__("src", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        mixed(ids), src(ids)
+    torch.testing.assert_close(outs["fwp"], outs["src"], atol=1e-5, rtol=1e-4)

@@ -120,3 +120,24 @@ def test_triton_backend_decodes_like_the_torch_path(rule):
     compiled = triton_model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"),
                                      **kwargs)
     assert torch.equal(compiled, eager.generate(ids, **kwargs))
+
+
+def test_hybrid_and_sliding_layers_with_their_own_windows():
+    # Kept sliding layers (window 4) beside hybrid layers (window 6): the caches size each layer's window from the
+    # config (transformers' per_layer_config), eager, static and compiled decoding agree with the full forward.
+    model = tiny_model(layout="lolcats", num_hidden_layers=3, sliding_window=4, hybrid_window=6,
+                       layer_types=["sliding_attention", "hybrid_sliding", "linear_attention"])
+    assert [getattr(layer, "sliding_window", None) for layer in FWPCache(model.config).layers] == [4, 6, None]
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        steps = [out.logits] + [model(ids[:, t : t + 1], cache=out.cache).logits for t in range(5, 9)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-4
+    torch._dynamo.reset()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, use_cache=False, **kwargs), expected)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+    assert torch.equal(model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"),
+                                      **kwargs), expected)
