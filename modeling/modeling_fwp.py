@@ -122,6 +122,26 @@ class FWPPreTrainedModel(PreTrainedModel):
     # The decode step has no graph break and no host sync (tests compile it with fullgraph=True).
     _can_compile_fullgraph = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, but a checkpoint that lacks weights of the model, or holds tensors of
+        another shape, is an error naming them (transformers would initialise them randomly with a warning: a
+        model that loads and quietly computes something else)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing, mismatched = sorted(info["missing_keys"]), sorted(info.get("mismatched_keys") or [])
+        if missing or mismatched:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")
+            if mismatched:
+                names = [m[0] if isinstance(m, tuple) else m for m in mismatched]
+                parts.append(f"{len(names)} of another shape ({', '.join(map(str, names[:6]))})")
+            raise ValueError(f"{where}: the checkpoint does not fit this {cls.__name__}: {'; '.join(parts)}. It is "
+                             "incomplete or was saved from another layout; save it again from the trained model.")
+        return (model, info) if wants_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FWPAttention):

@@ -197,3 +197,18 @@ def test_an_input_without_tokens_is_named(options):
     model = tiny_model(layout=options.pop("layout", "fwp"), **options)
     with pytest.raises(ValueError, match="the input has no tokens"):
         model(torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_a_checkpoint_missing_weights_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(layout="lolcats")
+    model.save_pretrained(tmp_path)
+    assert FWPForCausalLM.from_pretrained(tmp_path) is not None
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 missing \(model.layers.0.self_attn.q_proj.weight\)"):
+        FWPForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not fit this FWPForCausalLM"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
