@@ -9,22 +9,23 @@ from pathlib import Path
 UPLOAD_PATTERNS = ("*.json", "*.safetensors", "*.py", "README.md", "merges.txt", "vocab.txt", "*.model", "*.png")
 
 
-def load_teacher(spec: str, *, dtype=None):
+def load_teacher(spec: str, *, dtype=None, role: str = "teacher"):
     """``(model, tokenizer)`` from a local folder, a ``.gguf`` file (dequantised to float32) or a Hub id.
 
-    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` for a file that is not GGUF.
+    ``role`` names the model in errors ("teacher", "student", "model"). Raises ``FileNotFoundError`` for a path that
+    does not exist (locally or on the Hub) and ``ValueError`` for a file that is not GGUF or unreadable weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec)
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".gguf", ".bin", ".safetensors")
     if looks_local and not path.exists():
-        raise FileNotFoundError(f"teacher {spec!r} does not exist.")
+        raise FileNotFoundError(f"{role} {spec!r} does not exist.")
     if not path.exists():
         check_on_hub(spec, "model")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"teacher {spec!r} is a file but not a .gguf model; pass a model folder, a GGUF file or "
+            raise ValueError(f"{role} {spec!r} is a file but not a .gguf model; pass a model folder, a GGUF file or "
                              "a Hub id.")
         from transformers import GgufConfig
 

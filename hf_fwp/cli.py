@@ -100,11 +100,11 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
                    help=f"sliding window of hybrid_sliding layers, in tokens (default: {d.sliding_window})")
 
 
-def _load_teacher(spec: str):
+def _load_teacher(spec: str, role: str = "teacher"):
     from hf_fwp.conversion.hub import load_teacher
 
     try:
-        return load_teacher(spec)
+        return load_teacher(spec, role=role)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(" ".join(str(e).split())) from None  # the whole message, on one line
 
@@ -265,7 +265,7 @@ def _eval_run(args) -> int:
     if args.max_blocks < 1:
         raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
     teacher, tokenizer = _load_teacher(args.teacher)
-    student, _ = _load_teacher(args.model)
+    student, _ = _load_teacher(args.model, role="student")
     # Only held-out text is needed here: pack just that (all of --data when no --eval-data is given).
     held = _pack(args.eval_data or args.data, args, tokenizer)
     held = held.select(range(min(len(held), args.max_blocks)))
@@ -287,7 +287,7 @@ def _generate_run(args) -> int:
         raise CLIError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     if any(not p.strip() for p in args.prompt):
         raise CLIError("--prompt must not be empty: give the text to continue.")
-    model, tokenizer = _load_teacher(args.model)
+    model, tokenizer = _load_teacher(args.model, role="model")
     texts, tps = generate_samples(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}\n")

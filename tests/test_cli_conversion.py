@@ -256,3 +256,12 @@ def test_push_refuses_a_folder_without_weights(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["push", str(tmp_path), "me/model", "--dry-run"]) == 2
     assert "no model weights" in capsys.readouterr().err
+
+
+def test_errors_name_the_argument_they_are_about(teacher_dir, tmp_path, capsys):
+    missing = str(tmp_path / "missing.gguf")
+    assert main(["generate", missing, "--prompt", "hi"]) == 2
+    assert f"model '{missing}' does not exist" in capsys.readouterr().err
+    assert main(["eval", missing, "--teacher", str(teacher_dir / "teacher"), "--data",
+                 str(teacher_dir / "train.txt"), "--block-size", "16"]) == 2
+    assert f"student '{missing}' does not exist" in capsys.readouterr().err
