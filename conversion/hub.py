@@ -89,8 +89,10 @@ def files_to_upload(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in files)
 
 
-def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None) -> list[str]:
-    """Upload a saved model folder to ``repo_id`` with ``huggingface_hub``; ``dry_run`` only returns the file list."""
+def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None,
+         revision: str | None = None) -> list[str]:
+    """Upload a saved model folder to ``repo_id`` with ``huggingface_hub`` (to the branch ``revision``, created from
+    main when missing); ``dry_run`` only returns the file list."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -109,6 +111,8 @@ def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, 
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=files,
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=files, revision=revision,
                       commit_message="Upload FWP model (hf-fwp)")
     return files

@@ -226,7 +226,8 @@ def model_card(result: dict, base_model: str, config) -> str:
     return f"""---
 base_model: {base_model}
 library_name: transformers
-tags: [hf-fwp, fast-weight-programmer, linear-attention, {config.fwp_rule}]
+pipeline_tag: text-generation
+tags: [fwp, hf-fwp, fast-weight-programmer, linear-attention, {config.fwp_rule}]
 ---
 # {config.fwp_rule} student of {base_model}
 

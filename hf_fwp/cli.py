@@ -300,20 +300,22 @@ def _push_args(p):
     p.add_argument("repo_id", help="user/name on the Hugging Face Hub")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.add_argument("--revision", default=None, help="branch to upload to (created when missing; default: main)")
 
 
 def _push_run(args) -> int:
     from hf_fwp.conversion.hub import push
 
     try:
-        files = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+        files = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, revision=args.revision)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(" ".join(str(e).split())) from None
     except Exception as e:  # network and Hub errors: one line, whatever huggingface_hub raised
         raise CLIError(f"upload to {args.repo_id} failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") \
             from None
     verb = "would upload" if args.dry_run else "uploaded"
-    print(f"{verb} to {args.repo_id}:\n" + "\n".join(f"  {f}" for f in files))
+    where = args.repo_id + (f" (branch {args.revision})" if args.revision else "")
+    print(f"{verb} to {where}:\n" + "\n".join(f"  {f}" for f in files))
     return 0
 
 

@@ -265,3 +265,32 @@ def test_errors_name_the_argument_they_are_about(teacher_dir, tmp_path, capsys):
     assert main(["eval", missing, "--teacher", str(teacher_dir / "teacher"), "--data",
                  str(teacher_dir / "train.txt"), "--block-size", "16"]) == 2
     assert f"student '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_push_uploads_to_a_branch_with_huggingface_hub(teacher_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:  # records what a real upload would do (no network here)
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw["private"]))
+
+        def create_branch(self, repo_id, branch, **kw):
+            calls.append(("create_branch", repo_id, branch))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw["revision"], sorted(kw["allow_patterns"])))
+
+    folder = tmp_path / "model"
+    assert main(["convert", str(teacher_dir / "teacher"), str(folder)]) == 0
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    assert main(["push", str(folder), "me/model", "--private", "--revision", "v1"]) == 0
+    assert "uploaded to me/model (branch v1)" in capsys.readouterr().out
+    assert ("create_repo", "me/model", True) in calls and ("create_branch", "me/model", "v1") in calls
+    upload = next(c for c in calls if c[0] == "upload")
+    assert upload[1:3] == ("me/model", "v1") and "model.safetensors" in upload[3] and "config.json" in upload[3]

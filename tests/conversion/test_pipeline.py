@@ -41,6 +41,7 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
             "generation_config.json", "results.json"} <= names
     card = (folder / "README.md").read_text()
     assert "base_model: tiny-llama" in card and "student / teacher perplexity" in card
+    assert "library_name: transformers\npipeline_tag: text-generation\ntags: [fwp, " in card
     assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 64" in card  # from the saved config
     assert reference["tokens_seen"] == (5 + 6) * 4 * 16
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
