@@ -9,6 +9,7 @@ rerun picks up from the last finished stage and the last Trainer checkpoint.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from hf_fwp.conversion.architectures import ARCHITECTURES
 from hf_fwp.conversion.convert import convert
 from hf_fwp.conversion.distill import attention_transfer, trainable_fwp_parameters
 from hf_fwp.conversion.evaluate import compare, report
@@ -81,9 +81,14 @@ class Recipe:
              "'linear_attention' or 'hybrid_sliding'")
         need(self.sliding_window is None or (count(self.sliding_window) and self.sliding_window >= 1),
              "sliding_window", "None or a positive number of tokens")
-        keep = self.keep_softmax
-        need(keep in ("all", "none") if isinstance(keep, str) else count(keep) and keep >= 1 if not isinstance(
-             keep, (list, tuple)) else all(count(i) and i >= 0 for i in keep), "keep_softmax",
+        def keep_spec(keep) -> bool:
+            if isinstance(keep, str):
+                return keep in ("all", "none")
+            if isinstance(keep, (list, tuple)):
+                return all(count(i) and i >= 0 for i in keep)
+            return count(keep) and keep >= 1
+
+        need(keep_spec(self.keep_softmax), "keep_softmax",
              "'all', 'none', an int k >= 1 (every k-th layer) or a list of layer indices")
         for name in ("block_size", "batch_size", "stage2_steps", "grad_accum", "lora_rank", "save_steps"):
             need(count(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
@@ -119,12 +124,6 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: choose a folder path for the run.")
-    arch = ARCHITECTURES.get(type(teacher).__name__)
-    fields = arch.config_map(teacher.config) if arch is not None else {}
-    limit = fields.get("max_position_embeddings")
-    if fields.get("position_embedding_type") == "learned" and limit and recipe.block_size > limit:
-        raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
-                         "learned position table: use a block size <= that.")
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: resume that run (resume=True, or --resume on the command line), or "
                          "choose a new folder.")
@@ -147,6 +146,10 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     if not resumed_stage1:
         # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
         student = convert(teacher, **recipe.convert_options())
+        limit = student.config.max_position_embeddings
+        if student.config.position_embedding_type == "learned" and recipe.block_size > limit:
+            raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
+                             "learned position table: use a block size <= that.")
         trainable_fwp_parameters(student)
         batches = _batches(train_blocks, recipe.batch_size)
         if not batches:
@@ -217,10 +220,7 @@ def save_final(student, tokenizer, folder, result: dict, base_model: str) -> Non
 def model_card(result: dict, base_model: str, config) -> str:
     """The card describes the saved model's own config (layout, rule, feature map), the recipe its training."""
     recipe = result["recipe"]
-    kinds = {}
-    for t in config.layer_types:
-        kinds[t] = kinds.get(t, 0) + 1
-    layout = ", ".join(f"{n} x `{t}`" for t, n in kinds.items())
+    layout = ", ".join(f"{n} x `{t}`" for t, n in Counter(config.layer_types).items())
     window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
     window = f", window {window}" if window else ""
     return f"""---

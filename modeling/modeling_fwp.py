@@ -229,7 +229,6 @@ class FWPModel(FWPPreTrainedModel):
             cache.seen_tokens += T
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
-
     @staticmethod
     def _full_padding_mask(mask: torch.Tensor, B: int, T: int, past: int | None, softmax_layers: bool):
         """Check a 2-D padding mask and return it as ``[B, past + T]`` (``[B, T]`` when only FWP layers read it),

@@ -149,16 +149,18 @@ class FWPAttention(QKVProjections):
             beta = None if beta is None else beta * pad[..., None]
             g = None if g is None else g * pad[..., None]
         scale = self.config.fwp_scale if self.config.fwp_scale is not None else self.feat_dim**-0.5
-        kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
-                      backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
         if step:
+            # The step has torch and Triton backends: the sequence ops' torch paths (naive, chunk) map to torch.
             backend = {"naive": "torch", "chunk": "torch"}.get(self.config.fwp_backend, self.config.fwp_backend)
             o, S = fwp_step(fq, fk, fv, S0, beta=beta, g=g, scale=scale, qk_l2norm=self.config.qk_l2norm,
                             backend=backend), None
-        elif beta is None:
-            o, S = linear_attention(fq, fk, fv, **kwargs)
         else:
-            o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
+            kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
+                          backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
+            if beta is None:
+                o, S = linear_attention(fq, fk, fv, **kwargs)
+            else:
+                o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
         if self.config.normalize_attention:
             o = o[..., :D] / o[..., D:].clamp_min(1e-6)
         if hasattr(self, "o_norm"):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fwp.ops.triton_common import configs, launch
+from hf_fwp.ops.triton_common import SCALAR_CONFIGS, launch
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
@@ -67,7 +67,7 @@ def launch_step(q, k, v, beta, g, state, o, scale: float, qk_l2norm: bool) -> No
     B, _, H, K = q.shape
     V = v.shape[-1]
     BK, BV = step_tiles(K, V)
-    launch(fwp_step_kernel, lambda meta: (triton.cdiv(V, BV), B * H), configs(({}, 1, 1)), key=[],
+    launch(fwp_step_kernel, lambda meta: (triton.cdiv(V, BV), B * H), SCALAR_CONFIGS, key=[],
            q=q, k=k, v=v, beta=state if beta is None else beta, g=state if g is None else g, s=state, o=o,
            scale=scale, K=K, V=V, BK=BK, BV=BV, USE_BETA=beta is not None, USE_G=g is not None, L2NORM=qk_l2norm)
 
