@@ -48,6 +48,26 @@ def load_teacher(spec: str, *, dtype=None, role: str = "teacher"):
     return model.eval(), tokenizer
 
 
+def teacher_license(spec: str) -> str | None:
+    """The licence id of a teacher where it says one (a GGUF file's ``general.license``, the ``license`` of a model
+    card's metadata in a local folder or, when reachable or cached, on the Hub); None when unknown."""
+    path = Path(spec)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            import gguf
+
+            field = gguf.GGUFReader(str(path)).fields.get("general.license")
+            return str(field.contents()) if field is not None else None
+        from huggingface_hub import ModelCard
+
+        card = path / "README.md"
+        if path.is_dir():
+            return ModelCard.load(card).data.get("license") if card.is_file() else None
+        return ModelCard.load(spec).data.get("license")
+    except Exception:  # noqa: BLE001 - an unreadable card or no network: the licence is unknown, not an error
+        return None
+
+
 def check_on_hub(name: str, kind: str) -> None:
     """``name`` is not a local path: make sure it is a Hub ``kind`` ("model" or "dataset") with one short request,
     instead of letting a loader retry for a minute, and say that both readings failed. The local cache counts (an

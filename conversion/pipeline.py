@@ -114,9 +114,11 @@ def _batches(blocks, batch_size: int) -> list[dict]:
 
 
 def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_dir, *, resume: bool = False,
-        prompts: list[str] | None = None, base_model: str = "unknown", progress: bool = True) -> dict:
+        prompts: list[str] | None = None, base_model: str = "unknown", license: str | None = None,
+        progress: bool = True) -> dict:
     """Run the recipe end to end; returns the evaluation dict (see :func:`hf_fwp.conversion.evaluate.compare`)
-    with ``minutes`` and ``tokens_seen`` added. The final model is in ``output_dir / "model"``."""
+    with ``minutes`` and ``tokens_seen`` added. The final model is in ``output_dir / "model"``; its card names
+    ``base_model`` and, when given, the teacher's ``license`` (see :func:`hf_fwp.conversion.hub.teacher_license`)."""
     from hf_fwp.modeling import FWPForCausalLM
 
     from accelerate import PartialState
@@ -185,7 +187,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     result.update(minutes=(time.perf_counter() - start) / 60, tokens_seen=tokens_seen, transfer=transfer,
                   recipe=asdict(recipe))
     if state.is_main_process:
-        save_final(student, tokenizer, out / "model", result, base_model)
+        save_final(student, tokenizer, out / "model", result, base_model, license)
     state.wait_for_everyone()
     return result
 
@@ -204,7 +206,7 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
         path.write_text(json.dumps(current, indent=1))
 
 
-def save_final(student, tokenizer, folder, result: dict, base_model: str) -> None:
+def save_final(student, tokenizer, folder, result: dict, base_model: str, license: str | None = None) -> None:
     """``save_pretrained`` (safetensors, config with auto_map, modeling code, generation config), the tokenizer,
     ``results.json`` and a model card, written to a temporary folder that then replaces ``folder`` in one rename
     (an interrupted save never leaves a folder that loads as a broken model)."""
@@ -214,18 +216,33 @@ def save_final(student, tokenizer, folder, result: dict, base_model: str) -> Non
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "results.json").write_text(json.dumps(result, indent=1, default=str))
-        (tmp / "README.md").write_text(model_card(result, base_model, student.config))
+        (tmp / "README.md").write_text(model_card(result, base_model, student.config, license))
 
 
-def model_card(result: dict, base_model: str, config) -> str:
-    """The card describes the saved model's own config (layout, rule, feature map), the recipe its training."""
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def model_card(result: dict, base_model: str, config, license: str | None = None) -> str:
+    """The card (the Hub's format: YAML metadata, then markdown) describes the saved model's own config (layout,
+    rule, feature map), the recipe its training; ``license`` is the teacher's, which the student inherits."""
     recipe = result["recipe"]
     layout = ", ".join(f"{n} x `{t}`" for t, n in Counter(config.layer_types).items())
     window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
     window = f", window {window}" if window else ""
+    # The Hub accepts only repository ids as base_model; a local teacher path is named in the text only.
+    meta = "".join([f"base_model: {base_model}\n" if _is_hub_id(base_model) else "",
+                    f"license: {license}\n" if license else ""])
     return f"""---
-base_model: {base_model}
-library_name: transformers
+{meta}library_name: transformers
 pipeline_tag: text-generation
 tags: [fwp, hf-fwp, fast-weight-programmer, linear-attention, {config.fwp_rule}]
 ---
@@ -235,8 +252,23 @@ A fast weight programmer (FWP) linearised from `{base_model}` with [hf-fwp](http
 softmax attention replaced by the `{config.fwp_rule}` rule (feature map `{config.feature_map}`; layers: {layout}{window}),
 then distilled back towards the original.
 
-Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the modeling code is in this
-folder; it uses the `hf-fwp` package), or with `import hf_fwp` first and no remote code.
+## Usage
+
+Only `transformers` and `torch` are needed: the folder carries its modeling code (pure PyTorch on any device;
+Triton kernels on CUDA when `triton` is installed).
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_id = "path/to/this/folder"  # or its Hub id, "user/name"
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)
+inputs = tokenizer("The meaning of life is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0], skip_special_tokens=True))
+```
+
+Decoding keeps a constant-size state per FWP layer{" (plus the window's keys and values)" if window else ""}, whatever the
+context length. With `pip install hf-fwp`, `import hf_fwp` registers the model type, so `trust_remote_code` is not needed.
 
 ## Recipe
 1. Attention transfer: {recipe['stage1_steps']} steps, lr {recipe['stage1_lr']}, only the new FWP parameters train;

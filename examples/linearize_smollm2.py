@@ -27,7 +27,7 @@ import hf_fwp  # noqa: F401  (registers the FWP Auto classes for the reload chec
 from hf_fwp.conversion.corpus import stdlib_corpus
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.evaluate import report
-from hf_fwp.conversion.hub import load_teacher
+from hf_fwp.conversion.hub import load_teacher, teacher_license
 from hf_fwp.conversion.pipeline import Recipe, run
 
 RECIPES = {
@@ -69,6 +69,7 @@ def main():
         args.block_size, args.stage1_steps, args.stage2_steps, args.eval_blocks = 64, 2, 2, 4
     t0 = time.perf_counter()
     teacher, tokenizer = load_teacher(str(smollm2_gguf()))
+    license = teacher_license(str(smollm2_gguf()))  # the GGUF's general.license: the student inherits it
     print(f"teacher: SmolLM2-135M-Instruct ({sum(p.numel() for p in teacher.parameters()) / 1e6:.0f}M parameters, "
           f"{teacher.config.num_hidden_layers} layers), loaded in {time.perf_counter() - t0:.0f} s")
     train_text, held_text = stdlib_corpus()
@@ -84,7 +85,7 @@ def main():
         out = args.out / name
         print(f"\n=== recipe {name} -> {out}")
         result = run(teacher, tokenizer, train, held, recipe, out, resume=args.resume, prompts=PROMPTS,
-                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)")
+                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license=license)
         print(result["transfer"]["table"])
         print(report(result))
         reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()

@@ -4,9 +4,8 @@
 ``AutoModelForCausalLM``, and exports the ops and the model classes.
 """
 
-__version__ = "0.1.0"
-
-from hf_fwp.ops import delta_rule, linear_attention  # noqa: E402
+from hf_fwp.modeling.configuration_fwp import HF_FWP_VERSION as __version__  # noqa: E402  (one source of truth)
+from hf_fwp.ops import delta_rule, fwp_step, linear_attention  # noqa: E402
 from hf_fwp.modeling import FWPCache, FWPConfig, FWPForCausalLM, FWPModel  # noqa: E402
 from hf_fwp.conversion import convert  # noqa: E402
 
@@ -25,4 +24,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["__version__", "linear_attention", "delta_rule", "FWPConfig", "FWPModel", "FWPForCausalLM", "FWPCache", "convert"]
+__all__ = ["__version__", "linear_attention", "delta_rule", "fwp_step", "FWPConfig", "FWPModel", "FWPForCausalLM", "FWPCache", "convert"]

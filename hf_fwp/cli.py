@@ -27,7 +27,7 @@ def _env_run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hf_fwp.ops.dispatch import resolve_backend, triton_available
+    from hf_fwp.modeling.ops_dispatch import resolve_backend, triton_available
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -228,6 +228,7 @@ def _distill_run(args) -> int:
     from dataclasses import replace
 
     from hf_fwp.conversion import pipeline
+    from hf_fwp.conversion.hub import teacher_license
     from hf_fwp.conversion.pipeline import RecipeError
 
     try:  # every option is checked before the teacher loads
@@ -240,7 +241,7 @@ def _distill_run(args) -> int:
     train, held = _blocks(args, tokenizer)
     try:
         result = pipeline.run(teacher, tokenizer, train, held, recipe, args.output, resume=args.resume,
-                              base_model=args.teacher)
+                              base_model=args.teacher, license=teacher_license(args.teacher))
     except (ValueError, OSError) as e:  # OSError: an unwritable or impossible OUTPUT
         raise CLIError(" ".join(str(e).split())) from None
     from hf_fwp.conversion.evaluate import report

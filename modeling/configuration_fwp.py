@@ -16,8 +16,10 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from hf_fwp.layers.feature_maps import FEATURE_MAPS
+from .layers_feature_maps import FEATURE_MAPS
 
+# The package version, here so that a saved model folder (which carries this file) knows it without hf-fwp installed.
+HF_FWP_VERSION = "0.1.0"
 FWP_RULES = ("linear", "gated_linear", "delta", "gated_delta")
 LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention", "hybrid_sliding")
 
@@ -29,7 +31,7 @@ class FWPConfig(PreTrainedConfig):
     Standard fields follow Llama's names and meaning. FWP fields:
 
     fwp_rule: ``"linear"``, ``"gated_linear"``, ``"delta"`` or ``"gated_delta"`` (see DESIGN.md's table).
-    feature_map: q/k feature map phi (``hf_fwp.layers.feature_maps``); ``share_feature_map`` uses one for both.
+    feature_map: q/k feature map phi (``hf_fwp.modeling.layers_feature_maps``); ``share_feature_map`` uses one for both.
     qk_l2norm: L2-normalise q and k after phi (required by the delta rules unless ``allow_unnormalized_delta``).
     allow_neg_eigval: beta in (0, 2) instead of (0, 1) (delta rules).
     Decay gate (gated rules, Mamba2 parameterisation): ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)``, per head.
@@ -101,6 +103,7 @@ class FWPConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.pop("_head_dim_given", None)  # written by earlier versions into config.json
         _check_unknown(kwargs)
+        _check_writer_version(kwargs.pop("hf_fwp_version", None))
         for name in ("hidden_size", "num_attention_heads"):
             _positive_int(name, getattr(self, name))  # before they are divided below
         if self.head_dim is None:
@@ -234,6 +237,13 @@ class FWPConfig(PreTrainedConfig):
         return cls(**{**dict(fwp_rule="delta", feature_map="silu", qk_l2norm=True, use_short_conv=True,
                              use_output_norm=True, use_output_gate=False), **kwargs})
 
+    def to_dict(self) -> dict:
+        """transformers' dict plus ``hf_fwp_version``: the version of the code that writes it (as transformers
+        records ``transformers_version``)."""
+        output = super().to_dict()
+        output["hf_fwp_version"] = HF_FWP_VERSION
+        return output
+
     @classmethod
     def linear_transformer(cls, **kwargs) -> "FWPConfig":
         """The linear transformer (Katharopoulos et al. 2020): elu+1 features with the normalising denominator."""
@@ -271,9 +281,18 @@ def _check_unknown(kwargs: dict) -> None:
                           stacklevel=3)
 
 
+def _check_writer_version(written_by) -> None:
+    """Warn when a config.json written by another hf-fwp version is read by this code: the folder carries the code
+    that wrote it, which ``trust_remote_code=True`` runs instead of the installed package."""
+    if written_by is not None and written_by != HF_FWP_VERSION:
+        warnings.warn(f"FWPConfig: this config was written by hf-fwp {written_by} and is read by the code of hf-fwp "
+                      f"{HF_FWP_VERSION}; to run the model with the code it was saved with, load the folder with "
+                      "trust_remote_code=True.", stacklevel=3)
+
+
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"FWPConfig: unknown {name} {value!r}; choose one of {allowed}.")
 
 
-__all__ = ["FWPConfig", "FWP_RULES", "FEATURE_MAPS", "LAYER_TYPES"]
+__all__ = ["FWPConfig", "FWP_RULES", "FEATURE_MAPS", "LAYER_TYPES", "HF_FWP_VERSION"]

@@ -8,6 +8,11 @@ state for FWP layers and KV layers for softmax ones) that also counts the tokens
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from transformers import initialization as init
@@ -16,16 +21,36 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
-from hf_fwp.layers.conv import ShortConvolution
-from hf_fwp.layers.feature_maps import FeatureMap
-from hf_fwp.layers.fwp_attention import FWPAttention
-from hf_fwp.layers.norms import build_norm
-from hf_fwp.layers.rotary import RotaryEmbedding
-from hf_fwp.layers.softmax_attention import SoftmaxAttention, attention_allowed
+from .layers_conv import ShortConvolution
+from .layers_feature_maps import FeatureMap
+from .layers_fwp_attention import FWPAttention
+from .layers_norms import build_norm
+from .layers_rotary import RotaryEmbedding
+from .layers_softmax_attention import SoftmaxAttention, attention_allowed
 
-from .configuration_fwp import FWPConfig
+from .configuration_fwp import HF_FWP_VERSION, FWPConfig
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "code_revision")
+
+
+def _saved_code_differs(where: str, hub_kwargs: dict) -> bool:
+    """Whether the model code saved at ``where`` (a folder or a Hub id) is not this code: for a folder, a saved
+    ``*.py`` whose bytes differ from this module's siblings; for a Hub id, another recorded ``hf_fwp_version``."""
+    here = Path(__file__).parent
+    if os.path.isdir(where):
+        saved = list(Path(where).glob("*.py"))
+        return any(not (here / f.name).is_file() or f.read_bytes() != (here / f.name).read_bytes() for f in saved)
+    try:
+        from transformers.utils import cached_file
+
+        with open(cached_file(where, "config.json", **hub_kwargs)) as f:
+            written_by = json.load(f).get("hf_fwp_version")
+    except Exception:  # noqa: BLE001 - no config to compare against: nothing to defer to
+        return False
+    return written_by is not None and written_by != HF_FWP_VERSION
 
 
 class FWPCache(DynamicCache):
@@ -124,9 +149,25 @@ class FWPPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' ``from_pretrained``, but a checkpoint that lacks weights of the model, or holds tensors of
-        another shape, is an error naming them (transformers would initialise them randomly with a warning: a
-        model that loads and quietly computes something else)."""
+        """transformers' ``from_pretrained``, with two guards.
+
+        * A folder whose saved code is not this code runs its own code when ``trust_remote_code=True``
+          (transformers would otherwise pick the installed hf-fwp, registered with the Auto classes, and mix a
+          model saved by one version with the code of another); without it, a warning says so.
+        * A checkpoint that lacks weights of the model, or holds tensors of another shape, is an error naming them
+          (transformers would initialise them randomly with a warning: a model that quietly computes something else).
+        """
+        where = str(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+        if _saved_code_differs(where, {k: v for k, v in hub_kwargs.items() if k != "code_revision"}):
+            if kwargs.get("trust_remote_code"):
+                saved_cls = get_class_from_dynamic_module(f"modeling_fwp.{cls.__name__}", where, **hub_kwargs)
+                if isinstance(kwargs.get("config"), FWPConfig):
+                    kwargs.pop("config")  # this code's config class; the saved class reads its own
+                return saved_cls.from_pretrained(*args, **kwargs)
+            warnings.warn(f"{where} was saved with other hf-fwp model code than the installed hf-fwp "
+                          f"{HF_FWP_VERSION}, which runs it now; pass trust_remote_code=True to run the code saved "
+                          "with it.", stacklevel=2)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing, mismatched = sorted(info["missing_keys"]), sorted(info.get("mismatched_keys") or [])

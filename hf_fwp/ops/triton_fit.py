@@ -1,7 +1,7 @@
 """Ahead-of-time fit check of every Triton launch, without a GPU.
 
 The launches are not described twice: the public ops run forward and backward on CPU tensors while
-:data:`hf_fwp.ops.triton_common.RECORDER` captures each ``launch`` (kernel, arguments, candidate configs) instead of
+:data:`hf_fwp.modeling.ops_triton_common.RECORDER` captures each ``launch`` (kernel, arguments, candidate configs) instead of
 running it. Each distinct launch is then compiled by Triton for a GPU target (Triton ships ``ptxas``) with the
 alignment hints a real launch gets (pointers and multiples of 16), and its shared memory, registers, local memory
 (spills) and tensor-core instructions are read from the compiled kernel.
@@ -37,14 +37,14 @@ def _record(family: str, K: int, V: int, dtype: str, gated: bool, path: str) -> 
     """Run one op forward + backward with recording on; returns the captured launches."""
     import torch
 
-    from hf_fwp.ops import triton_common
-    from hf_fwp.ops.delta_rule.triton import fused_recurrent_delta_rule, triton_chunk_delta_rule
-    from hf_fwp.ops.linear_attn.triton import chunk_triton_linear_attention, fused_recurrent_linear_attention
+    from hf_fwp.modeling import ops_triton_common as triton_common
+    from hf_fwp.modeling.ops_delta_rule_triton import fused_recurrent_delta_rule, triton_chunk_delta_rule
+    from hf_fwp.modeling.ops_linear_attn_triton import chunk_triton_linear_attention, fused_recurrent_linear_attention
 
     # Realistic sizes for the integer arguments' alignment (T = 4096, H = 16); fused paths run short sequences.
     B, H = 1, 16
     if path == "step":  # the decoding step: one token, forward only, state updated in place
-        from hf_fwp.ops.step.triton import triton_fwp_step
+        from hf_fwp.modeling.ops_step_triton import triton_fwp_step
 
         dt = getattr(torch, dtype)
         q, k, v = torch.zeros(B, 1, H, K, dtype=dt), torch.zeros(B, 1, H, K, dtype=dt), torch.zeros(B, 1, H, V, dtype=dt)
@@ -172,7 +172,7 @@ def collect(cases, targets, all_configs=False, workers=None, families=("delta", 
                                 continue
                             seen.add(sig)
                             # Kernels of triton_common serve both families: label them by where they live.
-                            owner = {"triton_common": "shared", "triton": family}[spec["module"].split(".")[-1]]
+                            owner = "shared" if spec["module"].endswith("ops_triton_common") else family
                             meta = dict(family=owner, kernel=spec["kernel"], K=K, V=V, dtype=dtype, gated=gated,
                                         config=ci, cfg=f"{cfg.kwargs or ''} w{cfg.num_warps} s{cfg.num_stages}".strip())
                             for cc in targets:

@@ -11,7 +11,7 @@ from hf_fwp.conversion import pipeline
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.trainer import DistillationTrainer
 from tests.conversion.test_stage2 import TEXT, _tokenizer
-from tests.modeling.helpers import load_in_fresh_process
+from tests.modeling.helpers import load_in_fresh_process, run_isolated
 
 
 def _setup():
@@ -34,13 +34,13 @@ class Interrupted(Exception):
 def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     tok, teacher, train, held_out, recipe = _setup()
     reference = pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "ref", progress=False,
-                             base_model="tiny-llama")
+                             base_model="tiny-llama", license="apache-2.0")
     folder = tmp_path / "ref" / "model"
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_fwp.py", "tokenizer.json", "README.md",
             "generation_config.json", "results.json"} <= names
     card = (folder / "README.md").read_text()
-    assert "base_model: tiny-llama" in card and "student / teacher perplexity" in card
+    assert card.startswith("---\nbase_model: tiny-llama\nlicense: apache-2.0\n") and "student / teacher perplexity" in card
     assert "library_name: transformers\npipeline_tag: text-generation\ntags: [fwp, " in card
     assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 64" in card  # from the saved config
     assert reference["tokens_seen"] == (5 + 6) * 4 * 16
@@ -52,7 +52,12 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     fresh = load_in_fresh_process(folder, ids, ids[:1, :5])
     torch.testing.assert_close(fresh["logits"], ref_logits, atol=1e-6, rtol=1e-5)
     assert fresh["gen"] == loaded.generate(ids[:1, :5], max_new_tokens=4, do_sample=False).tolist()
-    assert fresh["tokenizer"] is not None
+    assert fresh["tokenizer"] is not None and fresh["pipeline_text"].startswith("Hello")
+    # The card's usage snippet runs as printed, without hf-fwp.
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert 'model_id = "path/to/this/folder"' in snippet and "hf_fwp" not in snippet
+    out = run_isolated(snippet.replace("path/to/this/folder", str(folder)), tmp_path)
+    assert out.stdout.strip()
 
     # Interrupt stage 2 after its first checkpoint (step 3), then resume.
     calls = {"n": 0}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hf_fwp.layers.conv import ShortConvolution
-from hf_fwp.layers.feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
-from hf_fwp.layers.norms import GatedRMSNorm, RMSNorm, build_norm
+from hf_fwp.modeling.layers_conv import ShortConvolution
+from hf_fwp.modeling.layers_feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
+from hf_fwp.modeling.layers_norms import GatedRMSNorm, RMSNorm, build_norm
 
 
 @pytest.mark.parametrize("name", FEATURE_MAPS)
@@ -78,7 +78,7 @@ def test_norms():
 @pytest.mark.parametrize("padded", [False, True])
 def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window, cached, padded):
     # Prefill longer than the window runs blocked (O(T * window)); the spec is the masked full product.
-    from hf_fwp.layers import softmax_attention as sa
+    from hf_fwp.modeling import layers_softmax_attention as sa
 
     gen = torch.Generator().manual_seed(T + window)
     B, H, D, L = 2, 3, 8, T + cached

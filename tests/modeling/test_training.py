@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from tests.modeling.helpers import load_in_fresh_process, tiny_model
+from tests.modeling.helpers import tiny_model
 
 
 @pytest.mark.parametrize("layout", ["fwp", "lolcats"])
@@ -53,16 +53,3 @@ def test_peft_lora_trains_and_merges_to_the_same_logits():
     with torch.no_grad():
         assert (base(ids).logits - merged).abs().max() > 1e-4  # LoRA actually changed the model
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
-
-
-def test_saved_folder_loads_as_remote_code_in_a_fresh_process(tmp_path):
-    model = tiny_model(layout="hybrid", feature_map="hedgehog", fwp_rule="linear", qk_l2norm=False,
-                       normalize_attention=True)
-    model.save_pretrained(tmp_path / "model")
-    ids, prompt = torch.arange(3, 15)[None], torch.arange(3, 9)[None]
-    with torch.no_grad():
-        expected = model(ids).logits
-    result = load_in_fresh_process(tmp_path / "model", ids, prompt)
-    assert result["module"].startswith("transformers_modules.")
-    torch.testing.assert_close(result["logits"], expected, atol=1e-6, rtol=1e-5)
-    assert result["gen"] == model.generate(prompt, max_new_tokens=4, do_sample=False).tolist()

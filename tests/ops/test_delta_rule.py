@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_fwp.ops import delta_rule
-from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
+from hf_fwp.modeling.ops_delta_rule_reference import chunk_delta_rule, naive_delta_rule
 from tests.ops.helpers import assert_close, make_inputs, run
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hf_fwp.ops import delta_rule
-from hf_fwp.ops.delta_rule import triton as delta_triton
-from hf_fwp.ops.delta_rule.reference import naive_delta_rule
-from hf_fwp.ops.delta_rule.triton import fused_recurrent_delta_rule, triton_chunk_delta_rule, triton_delta_rule
+from hf_fwp.modeling import ops_delta_rule_triton as delta_triton
+from hf_fwp.modeling.ops_delta_rule_reference import naive_delta_rule
+from hf_fwp.modeling.ops_delta_rule_triton import fused_recurrent_delta_rule, triton_chunk_delta_rule, triton_delta_rule
 from tests.conftest import DEVICE
 from tests.ops.helpers import assert_close, make_inputs, run
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hf_fwp.ops import delta_rule, linear_attention
-from hf_fwp.ops.linear_attn.reference import naive_linear_attention
-from hf_fwp.ops.delta_rule.reference import naive_delta_rule
-from hf_fwp.ops.step import fwp_step
+from hf_fwp.modeling.ops_linear_attn_reference import naive_linear_attention
+from hf_fwp.modeling.ops_delta_rule_reference import naive_delta_rule
+from hf_fwp.modeling.ops_step import fwp_step
 from tests.conftest import DEVICE
 from tests.ops.helpers import make_inputs
 

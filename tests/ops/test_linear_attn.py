@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_fwp.ops import linear_attention
-from hf_fwp.ops.linear_attn.reference import chunk_linear_attention, naive_linear_attention
+from hf_fwp.modeling.ops_linear_attn_reference import chunk_linear_attention, naive_linear_attention
 from tests.ops.helpers import assert_close, make_inputs, run
 
 

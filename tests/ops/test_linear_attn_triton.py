@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from hf_fwp.ops import linear_attention
-from hf_fwp.ops.linear_attn.reference import naive_linear_attention
+from hf_fwp.modeling.ops_linear_attn_reference import naive_linear_attention
 from tests.conftest import DEVICE
 from tests.ops.helpers import assert_close, make_inputs, run
 
-triton_mod = pytest.importorskip("hf_fwp.ops.linear_attn.triton")
+triton_mod = pytest.importorskip("hf_fwp.modeling.ops_linear_attn_triton")
 chunk_fn = triton_mod.chunk_triton_linear_attention
 fused_fn = triton_mod.fused_recurrent_linear_attention
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_fwp.ops import delta_rule, linear_attention
-from hf_fwp.ops.step import fwp_step, torch_fwp_step
+from hf_fwp.modeling.ops_step import fwp_step, torch_fwp_step
 from tests.conftest import DEVICE
 from tests.ops.helpers import make_inputs
 
@@ -80,7 +80,7 @@ def test_triton_step_in_bf16_keeps_an_fp32_state():
 
 @pytest.mark.triton
 def test_the_custom_op_is_registered_correctly():
-    from hf_fwp.ops.step import triton as step_triton
+    from hf_fwp.modeling import ops_step_triton as step_triton
 
     x = _inputs("gated_delta", T=1, K=16, V=16)
     args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"].clone(), 0.25, True)

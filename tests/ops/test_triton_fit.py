@@ -87,7 +87,7 @@ def test_an_oversized_config_is_reported():
     code = (
         "import json, triton, torch\n"
         "from hf_fwp.ops import triton_fit\n"
-        "from hf_fwp.ops.linear_attn import triton as lt\n"
+        "from hf_fwp.modeling import ops_linear_attn_triton as lt\n"
         "launches = triton_fit._record('linear', 256, 256, 'bfloat16', True, 'chunk')\n"
         "kernel, args, _ = next(l for l in launches if l[0] is lt._chunk_state_fwd_kernel)\n"
         "cfg = triton.Config({'BK': 256, 'BV': 256}, num_warps=4, num_stages=4)\n"

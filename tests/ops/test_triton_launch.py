@@ -11,11 +11,11 @@ import functools
 import pytest
 import triton
 
-from hf_fwp.ops import triton_common
-from hf_fwp.ops.delta_rule.reference import naive_delta_rule
-from hf_fwp.ops.delta_rule.triton import triton_chunk_delta_rule
-from hf_fwp.ops.linear_attn.reference import naive_linear_attention
-from hf_fwp.ops.linear_attn.triton import chunk_triton_linear_attention
+from hf_fwp.modeling import ops_triton_common as triton_common
+from hf_fwp.modeling.ops_delta_rule_reference import naive_delta_rule
+from hf_fwp.modeling.ops_delta_rule_triton import triton_chunk_delta_rule
+from hf_fwp.modeling.ops_linear_attn_reference import naive_linear_attention
+from hf_fwp.modeling.ops_linear_attn_triton import chunk_triton_linear_attention
 from tests.conftest import DEVICE
 from tests.ops.helpers import assert_close, make_inputs, run
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_fwp.ops import delta_rule, linear_attention
-from hf_fwp.ops.utils import pack_varlen, unpack_varlen
+from hf_fwp.modeling.ops_utils import pack_varlen, unpack_varlen
 
 B, T, H, K, V = 2, 5, 3, 4, 6
 

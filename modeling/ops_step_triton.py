@@ -1,22 +1,29 @@
-"""The decoding step as one Triton kernel per layer (twin: :func:`hf_fwp.ops.step.reference.torch_fwp_step`).
+"""The decoding step as one Triton kernel per layer (twin: :func:`hf_fwp.modeling.ops_step_reference.torch_fwp_step`).
 
 Grid ``(cdiv(V, BV), B * H)``: each program holds the whole key extent and BV value columns of one head's fp32
 state in registers (``BK * BV <= 2048`` values), reads q, k, v, beta and g once, optionally L2-normalises q and
 k, applies decay, the rule's write and the readout, and writes its state block back in place. Decoding is
 memory-bound (the state is read and written once per token), so small value blocks buy parallelism at batch 1.
 
-It is registered as the custom op ``hf_fwp::fwp_step`` (``state`` declared mutated), so ``torch.compile`` keeps
+It is registered as the custom op ``hf_fwp::fwp_step`` (``hf_fwp::fwp_step_<hash>`` in a remote-code copy) (``state`` declared mutated), so ``torch.compile`` keeps
 it as one opaque node instead of tracing the launcher, and CUDA graphs can capture it: one fixed config (no
 autotuning), no host sync, no allocation but the output.
 """
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+import hashlib
 
-from hf_fwp.ops.triton_common import SCALAR_CONFIGS, launch
+import torch
+# In a try block: transformers' remote-code loader treats imports outside one as required packages, and Triton
+# (Linux only) is optional; the dispatchers import this module only when Triton imports.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - platforms without Triton
+    raise ImportError("the Triton kernels need the `triton` package (Linux); use backend='chunk'.") from error
+
+from .ops_triton_common import SCALAR_CONFIGS, launch
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
@@ -77,7 +84,13 @@ def launch_step(q, k, v, beta, g, state, o, scale: float, qk_l2norm: bool) -> No
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hf_fwp::fwp_step", mutates_args=("state",))
+# A model folder loaded with trust_remote_code runs its own copy of this module next to an installed hf-fwp; each
+# copy registers its own op name (an op name can be registered once per process).
+_OP_NAME = "hf_fwp::fwp_step" if __name__ == "hf_fwp.modeling.ops_step_triton" else (
+    "hf_fwp::fwp_step_" + hashlib.sha1(__name__.encode()).hexdigest()[:16])
+
+
+@torch.library.custom_op(_OP_NAME, mutates_args=("state",))
 def _fwp_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
                  g: torch.Tensor | None, state: torch.Tensor, scale: float, qk_l2norm: bool) -> torch.Tensor:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -99,7 +112,7 @@ def _(q, k, v, beta, g, state, scale, qk_l2norm):
 
 
 def triton_fwp_step(q, k, v, state, *, beta=None, g=None, scale: float, qk_l2norm: bool = False) -> torch.Tensor:
-    """:func:`hf_fwp.ops.step.fwp_step` on the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+    """:func:`hf_fwp.modeling.ops_step.fwp_step` on the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``);
     inputs validated by the caller. No autograd: decoding runs without gradients."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, g, state)):
         raise ValueError("fwp_step: the Triton step has no backward; run decoding under torch.no_grad() or use "

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
-from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
+from .ops_chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
+from .ops_utils import state_dtype, varlen_padded, varlen_separately
 
 
 def naive_linear_attention(
@@ -64,7 +64,7 @@ def chunk_linear_attention(
     Per chunk with cumulative log-decay ``b``: ``O = (scale Q K^T * M) V + scale (exp(b) Q) S_n`` with the
     causal decay mask ``M[t, i] = exp(b_t - b_i)``, and ``S_{n+1} = exp(b_C) S_n + (exp(b_C - b) K)^T V``.
     Everything but the state recurrence is batched over chunks; the recurrence is a scan with a hand-written
-    backward (:mod:`hf_fwp.ops.scan`).
+    backward.
     """
     if cu_seqlens is not None:
         return varlen_padded(chunk_linear_attention, (q, k, v), g, scale, initial_state, output_final_state,
@@ -83,7 +83,7 @@ def _block_forward(q, k, g, scale, for_backward=False):
     ``A = scale Q K^T * M``, ``qg = scale Gamma Q``, ``kd = exp(b_C - b) K`` and the chunk decay ``exp(b_C)``.
 
     The decay enters ``A`` through the log-space mask or folded into the operands
-    (:func:`hf_fwp.ops.chunking.block_decay`); the backward always asks for the mask.
+    (:func:`hf_fwp.modeling.ops_chunking.block_decay`); the backward always asks for the mask.
     """
     mask, gamma, tail, chunk, right = block_decay(k, g, for_backward)
     qg = q * scale if gamma is None else q * (scale * gamma)[..., None]

@@ -12,12 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_fwp.layers.conv import ShortConvolution
-from hf_fwp.layers.feature_maps import FeatureMap, feature_dim
-from hf_fwp.layers.norms import GatedRMSNorm
-from hf_fwp.layers.softmax_attention import QKVProjections, SoftmaxBranch
-from hf_fwp.ops import delta_rule, linear_attention
-from hf_fwp.ops.step import fwp_step
+from .layers_conv import ShortConvolution
+from .layers_feature_maps import FeatureMap, feature_dim
+from .layers_norms import GatedRMSNorm
+from .layers_softmax_attention import QKVProjections, SoftmaxBranch
+from .ops_delta_rule import delta_rule
+from .ops_linear_attn import linear_attention
+from .ops_step import fwp_step
 
 
 def read_fwp_state(cache, layer_idx: int):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
-from hf_fwp.ops.utils import state_dtype, varlen_padded, varlen_separately
+from .ops_chunking import blocks, block_decay, bmm_ng, chunks_per_block, gather_block, scatter_block
+from .ops_utils import state_dtype, varlen_padded, varlen_separately
 
 
 def naive_delta_rule(
@@ -97,7 +97,7 @@ def _block_forward(q, k, v, beta, g, scale, for_backward=False):
     """Every per-chunk quantity of one block (``[nb, G, C, *]`` inputs in the state dtype); see chunk_delta_rule.
 
     The decay enters ``A`` and ``L`` either through the log-space mask or folded into the operands
-    (:func:`hf_fwp.ops.chunking.block_decay`); the backward always asks for the mask.
+    (:func:`hf_fwp.modeling.ops_chunking.block_decay`); the backward always asks for the mask.
     """
     nb, G, C, K = q.shape
     V = v.shape[-1]
@@ -131,7 +131,7 @@ class _ChunkDelta(torch.autograd.Function):
     """Chunked delta rule on ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta, g [B, T, H]`` (g may be None) and
     ``S0 [B * H, K, V]`` -> ``(o [B, T, H, V] in v's dtype, final state [B * H, K, V])``.
 
-    Works block by block (a few chunks at a time, :func:`hf_fwp.ops.chunking.blocks`); the backward pass recomputes
+    Works block by block (a few chunks at a time, :func:`hf_fwp.modeling.ops_chunking.blocks`); the backward pass recomputes
     each block's intra-chunk quantities from the inputs and keeps only the chunk-start states from the forward.
     """
 

@@ -7,7 +7,7 @@ Rule (per head, S is K x V)::
     o_t = S_t^T (scale * q_t)
 
 Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta and g ``[B, T, H]``, states ``[B, H, K, V]`` float32;
-kernels see the packed layout of :mod:`hf_fwp.ops.triton_common` (varlen runs natively). State math accumulates
+kernels see the packed layout of :mod:`hf_fwp.modeling.ops_triton_common` (varlen runs natively). State math accumulates
 in float32; bf16/fp16 inputs reach the tensor cores in their own dtype.
 
 Chunked algorithm (chunk of BT = 64 tokens, within-chunk cumulative log-decay ``b``, ``Gamma = exp(b)``, causal
@@ -21,7 +21,7 @@ decay ``M[t, i] = exp(b_t - b_i)``)::
 Only q, k, v, beta, g, the chunk inverses Tm and the final state are saved; the backward pass recomputes W, U, the
 chunk states and X, then runs the shared dv kernel (intra-chunk dX), a reverse sequential pass (total dX and the
 end-of-chunk state gradients), the shared dq/dk/dW kernel and the WY backward (dk, dv, dbeta through Tm). Gate
-gradients come from ``dL/dB_t = q_t . dq_t - v_t . dv_t`` (see :mod:`hf_fwp.ops.triton_common`).
+gradients come from ``dL/dB_t = q_t . dq_t - v_t . dv_t`` (see :mod:`hf_fwp.modeling.ops_triton_common`).
 
 The sequential passes split V over programs (BV 16-64) and keep the whole key dim as up to four ``[64, BV]`` fp32
 register tiles (w . h needs all of K), so K <= 256 here; wider keys take the pure-torch chunk path.
@@ -30,11 +30,16 @@ register tiles (w . h needs all of K), so K <= 256 here; wider keys take the pur
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+# In a try block: transformers' remote-code loader treats imports outside one as required packages, and Triton
+# (Linux only) is optional; the dispatchers import this module only when Triton imports.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - platforms without Triton
+    raise ImportError("the Triton kernels need the `triton` package (Linux); use backend='chunk'.") from error
 
-from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN
-from hf_fwp.ops.triton_common import (
+from .ops_dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN
+from .ops_triton_common import (
     Seqs,
     by_dtype,
     chunk_bounds,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.dispatch import floor_gate, triton_available
-from hf_fwp.ops.step.reference import torch_fwp_step
+from .ops_dispatch import floor_gate, triton_available
+from .ops_step_reference import torch_fwp_step
 
 __all__ = ["fwp_step", "torch_fwp_step"]
 
@@ -61,6 +61,6 @@ def fwp_step(
     g = floor_gate(g)  # as the sequence ops do, so that a hard reset (-inf) decodes as it prefills
     if backend == "torch":
         return torch_fwp_step(q, k, v, state, beta=beta, g=g, scale=scale, qk_l2norm=qk_l2norm)
-    from hf_fwp.ops.step.triton import triton_fwp_step
+    from .ops_step_triton import triton_fwp_step
 
     return triton_fwp_step(q, k, v, state, beta=beta, g=g, scale=scale, qk_l2norm=qk_l2norm)

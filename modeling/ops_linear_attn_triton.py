@@ -9,10 +9,10 @@ Two algorithms share one interface:
   where ``M[t, i] = exp(b_t - b_i)`` for ``i <= t``. Every exponent is <= 0, so strong decays underflow to 0
   instead of overflowing. The sequential state kernels (split over K and V blocks: the rule has no coupling across
   K) store the chunk-start states; the output, dv and dq/dk kernels are the ones the delta rule shares
-  (:mod:`hf_fwp.ops.triton_common`);
+  (:mod:`hf_fwp.modeling.ops_triton_common`);
 * fused recurrent (short inputs, decoding): one token at a time with the state in registers.
 
-All kernels see the packed layout of :mod:`hf_fwp.ops.triton_common`, so variable-length batches run natively.
+All kernels see the packed layout of :mod:`hf_fwp.modeling.ops_triton_common`, so variable-length batches run natively.
 Gate gradients: ``dL/dB_t = q_t . dq_t - k_t . dk_t`` for the sequence-wide cumulative log-decay ``B`` (q and k
 enter the rule only as ``exp(B_t) q_t`` and ``exp(-B_i) k_i``), plus ``<S_T, dS_T>`` at a sequence's last token;
 ``dg`` is its reverse cumulative sum.
@@ -23,11 +23,16 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
+# In a try block: transformers' remote-code loader treats imports outside one as required packages, and Triton
+# (Linux only) is optional; the dispatchers import this module only when Triton imports.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - platforms without Triton
+    raise ImportError("the Triton kernels need the `triton` package (Linux); use backend='chunk'.") from error
 
-from hf_fwp.ops.dispatch import TRITON_FUSED_MAX_LEN
-from hf_fwp.ops.triton_common import (
+from .ops_dispatch import TRITON_FUSED_MAX_LEN
+from .ops_triton_common import (
     Seqs,
     by_dtype,
     chunk_dqk,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.dispatch import floor_gate, resolve_backend
-from hf_fwp.ops.linear_attn.reference import chunk_linear_attention, naive_linear_attention
-from hf_fwp.ops.utils import causal_nonfinite, check_chunk_size, check_inputs
+from .ops_dispatch import floor_gate, resolve_backend
+from .ops_linear_attn_reference import chunk_linear_attention, naive_linear_attention
+from .ops_utils import causal_nonfinite, check_chunk_size, check_inputs
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -53,6 +53,6 @@ def linear_attention(
             return chunk_linear_attention(q, k, v, chunk_size=chunk_size, **{**kwargs, "g": g})
 
         return causal_nonfinite(run, q, k, v, None, kwargs["g"], output_final_state, cu_seqlens)
-    from hf_fwp.ops.linear_attn.triton import triton_linear_attention
+    from .ops_linear_attn_triton import triton_linear_attention
 
     return triton_linear_attention(q, k, v, **kwargs)

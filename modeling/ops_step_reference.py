@@ -1,8 +1,8 @@
 """One decoding step of any FWP rule in pure torch, the state updated in place: the CPU path and the Triton
 kernel's twin (same signature and layout).
 
-Per head, with S the K x V fast-weight matrix (rules as in :mod:`hf_fwp.ops.linear_attn` and
-:mod:`hf_fwp.ops.delta_rule`)::
+Per head, with S the K x V fast-weight matrix (rules as in :mod:`hf_fwp.modeling.ops_linear_attn` and
+:mod:`hf_fwp.modeling.ops_delta_rule`)::
 
     S <- exp(g) S                           (gated rules)
     S <- S + k u^T,  u = v                  (linear rules)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hf_fwp.ops.delta_rule.reference import chunk_delta_rule, naive_delta_rule
-from hf_fwp.ops.dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
-from hf_fwp.ops.utils import causal_nonfinite, check_chunk_size, check_inputs
+from .ops_delta_rule_reference import chunk_delta_rule, naive_delta_rule
+from .ops_dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
+from .ops_utils import causal_nonfinite, check_chunk_size, check_inputs
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
 
@@ -57,6 +57,6 @@ def delta_rule(
             return chunk_delta_rule(q, k, v, beta, chunk_size=chunk_size, **{**kwargs, "g": g})
 
         return causal_nonfinite(run, q, k, v, beta, kwargs["g"], output_final_state, cu_seqlens)
-    from hf_fwp.ops.delta_rule.triton import triton_delta_rule
+    from .ops_delta_rule_triton import triton_delta_rule
 
     return triton_delta_rule(q, k, v, beta, **kwargs)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_fwp.layers.norms import RMSNorm
-from hf_fwp.layers.rotary import apply_rotary
+from .layers_norms import RMSNorm
+from .layers_rotary import apply_rotary
 
 
 def attention_allowed(B: int, T: int, L: int, *, past, kv_offset, window: int | None,

@@ -36,10 +36,15 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+# In a try block: transformers' remote-code loader treats imports outside one as required packages, and Triton
+# (Linux only) is optional; the dispatchers import this module only when Triton imports.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - platforms without Triton
+    raise ImportError("the Triton kernels need the `triton` package (Linux); use backend='chunk'.") from error
 
-from hf_fwp.ops.utils import triton_interpreted
+from .ops_utils import triton_interpreted
 
 BT = 64  # chunk length: 4 sub-blocks of 16 for the delta rule's triangular solve, tensor-core friendly
 

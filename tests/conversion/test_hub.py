@@ -1,0 +1,27 @@
+"""Teacher metadata read for the model card (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_fwp.conversion.hub import teacher_license
+
+
+def test_the_license_comes_from_a_local_teachers_card(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\nlibrary_name: transformers\n---\n# a teacher\n")
+    assert teacher_license(str(tmp_path)) == "mit"
+    (tmp_path / "README.md").write_text("# a card without metadata\n")
+    assert teacher_license(str(tmp_path)) is None
+    assert teacher_license(str(tmp_path / "missing-folder")) is None
+
+
+def test_the_license_comes_from_a_gguf_files_metadata(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "teacher.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_license("apache-2.0")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert teacher_license(str(path)) == "apache-2.0"
