@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -182,6 +184,31 @@ class FWPPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{where}: the checkpoint does not fit this {cls.__name__}: {'; '.join(parts)}. It is "
                              "incomplete or was saved from another layout; save it again from the trained model.")
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, never half-written: everything is written to a temporary folder beside
+        ``save_directory`` and then moved in, with the old ``config.json`` removed first and the new one moved last.
+        An interrupted save leaves the old model, a folder without ``config.json`` (which does not load), or the new
+        model; never a folder that loads as a mix. Pushing (``push_to_hub``) and non-main processes save as usual."""
+        target = Path(save_directory)
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True) or target.is_file():
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            super().save_pretrained(tmp, *args, **kwargs)
+            if not target.exists():
+                tmp.rename(target)
+                return
+            (target / "config.json").unlink(missing_ok=True)
+            new = {f.name for f in tmp.iterdir()}
+            for stale in (*target.glob("model*.safetensors*"), *target.glob("pytorch_model*.bin*")):
+                if stale.name not in new:  # weights of an earlier save in another sharding
+                    stale.unlink()
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, target / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,5 +1,7 @@
 """FWPForCausalLM: caching, padding, generation, saving, losses, memory."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -212,3 +214,34 @@ def test_a_checkpoint_missing_weights_is_refused_by_name(tmp_path):
         FWPForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not fit this FWPForCausalLM"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_replaces_a_folder_whole_and_an_interrupted_save_leaves_the_old_model(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    ids = torch.arange(3, 12)[None]
+    old, new = tiny_model(seed=0), tiny_model(seed=1, layout="lolcats")
+    folder = tmp_path / "model"
+    old.save_pretrained(folder, max_shard_size="20KB")  # sharded: its files must not survive the next save
+    assert (folder / "model.safetensors.index.json").exists()
+    (folder / "notes.txt").write_text("the user's own file stays")
+    new.save_pretrained(folder)
+    assert sorted(p.name for p in folder.glob("model*.safetensors*")) == ["model.safetensors"]
+    assert (folder / "notes.txt").exists() and not list(tmp_path.glob(".model.tmp-*"))
+    with torch.no_grad():
+        torch.testing.assert_close(FWPForCausalLM.from_pretrained(folder)(ids).logits, new(ids).logits)
+
+    real = PreTrainedModel.save_pretrained
+
+    def killed_midway(self, save_directory, *args, **kwargs):
+        real(self, save_directory, *args, **kwargs)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        old.save_pretrained(folder)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".model.tmp-*"))
+    with torch.no_grad():  # still the complete earlier model
+        torch.testing.assert_close(FWPForCausalLM.from_pretrained(folder)(ids).logits, new(ids).logits)
