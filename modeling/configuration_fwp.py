@@ -31,6 +31,10 @@ class FWPConfig(PreTrainedConfig):
     Standard fields follow Llama's names and meaning. FWP fields:
 
     fwp_rule: ``"linear"``, ``"gated_linear"``, ``"delta"`` or ``"gated_delta"`` (see DESIGN.md's table).
+    fwp_state_heads: ``"query"``: one fast-weight state per query head; ``"kv"``: one per key/value head, shared by
+        the ``num_attention_heads // num_key_value_heads`` query heads of its group (as grouped-query attention
+        shares keys and values): the key feature map, beta and the decay gate then exist per key/value head, and
+        the decoding cache shrinks by the group size.
     feature_map: q/k feature map phi (``hf_fwp.modeling.layers_feature_maps``); ``share_feature_map`` uses one for both.
     qk_l2norm: L2-normalise q and k after phi (required by the delta rules unless ``allow_unnormalized_delta``).
     allow_neg_eigval: beta in (0, 2) instead of (0, 1) (delta rules).
@@ -84,6 +88,7 @@ class FWPConfig(PreTrainedConfig):
     sliding_window: int | None = None
     hybrid_window: int | None = None
     fwp_rule: str = "gated_delta"
+    fwp_state_heads: str = "query"
     feature_map: str = "identity"
     share_feature_map: bool = False
     qk_l2norm: bool = True
@@ -141,6 +146,7 @@ class FWPConfig(PreTrainedConfig):
         _choice("mlp_type", self.mlp_type, ("gated", "plain"))
         _choice("position_embedding_type", self.position_embedding_type, ("rope", "learned", "none"))
         _choice("fwp_backend", self.fwp_backend, ("auto", "naive", "chunk", "triton"))
+        _choice("fwp_state_heads", self.fwp_state_heads, ("query", "kv"))
         _choice("conv_activation", self.conv_activation, (None, "silu"))
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "vocab_size", "intermediate_size", "chunk_size", "max_position_embeddings"):
@@ -170,6 +176,10 @@ class FWPConfig(PreTrainedConfig):
                 f"FWPConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
+        if self.fwp_state_heads == "kv" and self.share_feature_map and self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError("FWPConfig: share_feature_map=True needs as many key as query feature-map heads, but "
+                             "fwp_state_heads='kv' maps keys per key/value head; set share_feature_map=False or "
+                             "fwp_state_heads='query'.")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"FWPConfig: `layer_types` has {len(self.layer_types)} entries but num_hidden_layers is "

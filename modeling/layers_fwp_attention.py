@@ -21,6 +21,12 @@ from .ops_linear_attn import linear_attention
 from .ops_step import fwp_step
 
 
+def _expand_heads(t: torch.Tensor, G: int) -> torch.Tensor:
+    """``[B, T, h, ...]`` -> ``[B, T, h * G, ...]``, head j repeated G times in place (head i reads head i // G)."""
+    B, T, h = t.shape[:3]
+    return t[:, :, :, None].expand(B, T, h, G, *t.shape[3:]).reshape(B, T, h * G, *t.shape[3:])
+
+
 def read_fwp_state(cache, layer_idx: int):
     """``(recurrent state, conv state)`` of an FWP layer from a transformers linear-attention cache layer (None when
     the layer has not written yet). Reads the layer directly: ``Cache.get_recurrent_state`` only reports states
@@ -63,17 +69,19 @@ class FWPAttention(QKVProjections):
         self.layer_idx = layer_idx
         self.rule = config.fwp_rule
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        # Heads that own a fast-weight state (and its key map, beta and gate): every query head, or each kv head.
+        self.state_heads = Hs = Hkv if config.fwp_state_heads == "kv" else H
         self.feat_dim = feature_dim(config.feature_map, D)
         if config.use_short_conv:
             self.conv = ShortConvolution((H + 2 * Hkv) * D, config.conv_size, config.conv_activation)
         self.feature_map_q = FeatureMap(config.feature_map, H, D)
-        self.feature_map_k = self.feature_map_q if config.share_feature_map else FeatureMap(config.feature_map, H, D)
+        self.feature_map_k = self.feature_map_q if config.share_feature_map else FeatureMap(config.feature_map, Hs, D)
         if config.fwp_delta:
-            self.b_proj = nn.Linear(config.hidden_size, H, bias=True)
+            self.b_proj = nn.Linear(config.hidden_size, Hs, bias=True)
         if config.fwp_gated:
-            self.a_proj = nn.Linear(config.hidden_size, H, bias=False)
-            self.A_log = nn.Parameter(torch.zeros(H))
-            self.dt_bias = nn.Parameter(torch.zeros(H))
+            self.a_proj = nn.Linear(config.hidden_size, Hs, bias=False)
+            self.A_log = nn.Parameter(torch.zeros(Hs))
+            self.dt_bias = nn.Parameter(torch.zeros(Hs))
         if config.use_output_norm:
             self.o_norm = GatedRMSNorm(D, config.rms_norm_eps)
         if config.use_output_gate:
@@ -93,7 +101,7 @@ class FWPAttention(QKVProjections):
         * learned feature maps: identity (see ``FeatureMap.reset_parameters``);
         * hybrid mixing: lambda = ``config.hybrid_mix_init`` for every head (small: start close to the softmax window).
         """
-        H = self.num_heads
+        H = self.state_heads
         if hasattr(self, "b_proj"):
             self.b_proj.weight.zero_()
             self.b_proj.bias.zero_()
@@ -130,9 +138,10 @@ class FWPAttention(QKVProjections):
             fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
         else:
             fq, fk, fv = q, k, v
-        if Hkv != H:
-            # Query head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).
-            fk, fv = (t[:, :, :, None].expand(B, T, Hkv, H // Hkv, D).reshape(B, T, H, D) for t in (fk, fv))
+        Hs = self.state_heads
+        if Hkv != Hs:
+            # State head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).
+            fk, fv = (_expand_heads(t, Hs // Hkv) for t in (fk, fv))
         fq, fk = self.feature_map_q(fq), self.feature_map_k(fk)
         # Decoding: one token into the cached state, updated in place by a single fused step (no state copies).
         step = T == 1 and S0 is not None and not torch.is_grad_enabled()
@@ -156,12 +165,20 @@ class FWPAttention(QKVProjections):
             o, S = fwp_step(fq, fk, fv, S0, beta=beta, g=g, scale=scale, qk_l2norm=self.config.qk_l2norm,
                             backend=backend), None
         else:
+            G = H // Hs
+            if G > 1:
+                # The sequence ops pair each query head with its own state: give every query head a copy of its
+                # group's inputs (identical writes keep the copies identical) and keep one copy of the state.
+                fk, fv, beta, g = (None if t is None else _expand_heads(t, G) for t in (fk, fv, beta, g))
+                S0 = None if S0 is None else S0.repeat_interleave(G, dim=1)
             kwargs = dict(g=g, scale=scale, initial_state=S0, output_final_state=cache is not None,
                           backend=self.config.fwp_backend, chunk_size=self.config.chunk_size)
             if beta is None:
                 o, S = linear_attention(fq, fk, fv, **kwargs)
             else:
                 o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
+            if G > 1 and S is not None:
+                S = S[:, ::G].contiguous()
         if self.config.normalize_attention:
             o = o[..., :D] / o[..., D:].clamp_min(1e-6)
         if hasattr(self, "o_norm"):

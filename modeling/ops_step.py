@@ -30,8 +30,10 @@ def fwp_step(
     """One token of the rule given by ``beta`` (delta rules when given) and ``g`` (gated rules when given).
 
     Args:
-        q, k: ``[B, 1, H, K]``; v: ``[B, 1, H, V]``; beta, g: ``[B, 1, H]`` or None (g <= 0 is a log-decay).
-        state: ``[B, H, K, V]`` contiguous float32, **updated in place** (e.g. a cache layer's fixed buffer).
+        q: ``[B, 1, H, K]``; k: ``[B, 1, Hs, K]``; v: ``[B, 1, Hs, V]``; beta, g: ``[B, 1, Hs]`` or None (g <= 0 is
+            a log-decay). ``Hs`` state heads, usually ``H``; with ``H = G * Hs`` the G query heads ``j*G ..
+            j*G+G-1`` read state ``j`` (states shared like grouped-query attention shares keys and values).
+        state: ``[B, Hs, K, V]`` contiguous float32, **updated in place** (e.g. a cache layer's fixed buffer).
         scale: query scale, default ``K ** -0.5``.
         qk_l2norm: L2-normalise q and k inside the step (fused into the Triton kernel).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors when it imports).
@@ -40,19 +42,21 @@ def fwp_step(
         o ``[B, 1, H, V]`` in v's dtype.
     """
     B, T, H, K = q.shape
-    if T != 1 or k.shape != q.shape or v.shape[:3] != (B, 1, H):
+    Hs = k.shape[2] if k.dim() == 4 else -1
+    if T != 1 or k.shape != (B, 1, Hs, K) or Hs < 1 or H % Hs or v.shape[:3] != (B, 1, Hs):
         raise ValueError(
-            f"fwp_step: q and k must be [B, 1, H, K] and v [B, 1, H, V] (one token); got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}. Use linear_attention / delta_rule for sequences."
+            f"fwp_step: q must be [B, 1, H, K], k [B, 1, Hs, K] and v [B, 1, Hs, V] (one token; H a multiple of Hs); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}. Use linear_attention / delta_rule for "
+            "sequences."
         )
-    if state.shape != (B, H, K, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
+    if state.shape != (B, Hs, K, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
         raise ValueError(
-            f"fwp_step: `state` must be a contiguous float32 [B, H, K, V] = {(B, H, K, v.shape[-1])} tensor (it is "
+            f"fwp_step: `state` must be a contiguous float32 [B, Hs, K, V] = {(B, Hs, K, v.shape[-1])} tensor (it is "
             f"updated in place); got shape {tuple(state.shape)}, dtype {state.dtype}, contiguous={state.is_contiguous()}."
         )
     for name, t in (("beta", beta), ("g", g)):
-        if t is not None and tuple(t.shape) != (B, 1, H):
-            raise ValueError(f"fwp_step: `{name}` must be [B, 1, H] = {(B, 1, H)}; got {tuple(t.shape)}.")
+        if t is not None and tuple(t.shape) != (B, 1, Hs):
+            raise ValueError(f"fwp_step: `{name}` must be [B, 1, Hs] = {(B, 1, Hs)}; got {tuple(t.shape)}.")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"fwp_step: backend={backend!r} is not one of ('auto', 'torch', 'triton').")
     scale = K**-0.5 if scale is None else float(scale)

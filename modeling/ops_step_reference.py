@@ -8,6 +8,9 @@ Per head, with S the K x V fast-weight matrix (rules as in :mod:`hf_fwp.modeling
     S <- S + k u^T,  u = v                  (linear rules)
                      u = beta (v - S^T k)   (delta rules)
     o  = S^T (scale q)
+
+With grouped queries (``H = G * Hs`` query heads over ``Hs`` state heads, as grouped-query attention shares keys
+and values) the state of head ``j`` is written once by its k, v, beta, g and read by queries ``j*G .. j*G+G-1``.
 """
 
 from __future__ import annotations
@@ -27,21 +30,22 @@ def torch_fwp_step(
     scale: float,
     qk_l2norm: bool = False,
 ) -> torch.Tensor:
-    """q, k ``[B, 1, H, K]``, v ``[B, 1, H, V]``, beta and g ``[B, 1, H]`` or None, state ``[B, H, K, V]``
-    (contiguous float32, updated in place) -> o ``[B, 1, H, V]`` in v's dtype. ``qk_l2norm`` L2-normalises q and k
-    first (``F.normalize``, eps 1e-6). A handful of batched ops, no temporaries of the state's size."""
+    """q ``[B, 1, H, K]``, k ``[B, 1, Hs, K]``, v ``[B, 1, Hs, V]``, beta and g ``[B, 1, Hs]`` or None, state
+    ``[B, Hs, K, V]`` (contiguous float32, updated in place; ``H`` a multiple of ``Hs``, usually equal) -> o
+    ``[B, 1, H, V]`` in v's dtype. ``qk_l2norm`` L2-normalises q and k first (``F.normalize``, eps 1e-6). A handful
+    of batched ops, no temporaries of the state's size."""
     B, _, H, K = q.shape
-    V = v.shape[-1]
+    Hs, V = k.shape[2], v.shape[-1]
     if qk_l2norm:
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
     dt = state.dtype
-    S = state.view(B * H, K, V)
-    k_col = k.reshape(B * H, K, 1).to(dt)
-    u = v.reshape(B * H, 1, V).to(dt)
+    S = state.view(B * Hs, K, V)
+    k_col = k.reshape(B * Hs, K, 1).to(dt)
+    u = v.reshape(B * Hs, 1, V).to(dt)
     if g is not None:
-        S.mul_(g.reshape(B * H, 1, 1).to(dt).exp())
+        S.mul_(g.reshape(B * Hs, 1, 1).to(dt).exp())
     if beta is not None:
-        u = (u - torch.bmm(k_col.transpose(1, 2), S)) * beta.reshape(B * H, 1, 1).to(dt)
+        u = (u - torch.bmm(k_col.transpose(1, 2), S)) * beta.reshape(B * Hs, 1, 1).to(dt)
     S.baddbmm_(k_col, u)
-    o = torch.bmm(q.reshape(B * H, 1, K).to(dt), S).mul_(scale)
+    o = torch.bmm(q.reshape(B * Hs, H // Hs, K).to(dt), S).mul_(scale)  # the G queries of a group read one state
     return o.view(B, 1, H, V).to(v.dtype)

@@ -1,8 +1,9 @@
 """The decoding step as one Triton kernel per layer (twin: :func:`hf_fwp.modeling.ops_step_reference.torch_fwp_step`).
 
-Grid ``(cdiv(V, BV), B * H)``: each program holds the whole key extent and BV value columns of one head's fp32
-state in registers (``BK * BV <= 2048`` values), reads q, k, v, beta and g once, optionally L2-normalises q and
-k, applies decay, the rule's write and the readout, and writes its state block back in place. Decoding is
+Grid ``(cdiv(V, BV), B * Hs)`` over the ``Hs`` state heads: each program holds the whole key extent and BV value
+columns of one head's fp32 state in registers (``BK * BV <= 2048`` values), reads k, v, beta and g once,
+optionally L2-normalises k and q, applies decay and the rule's write, writes its state block back in place, and
+reads it out for the G = H / Hs query heads that share it (G = 1 unless states are shared by grouped queries). Decoding is
 memory-bound (the state is read and written once per token), so small value blocks buy parallelism at batch 1.
 
 It is registered as the custom op ``hf_fwp::fwp_step`` (``hf_fwp::fwp_step_<hash>`` in a remote-code copy) (``state`` declared mutated), so ``torch.compile`` keeps
@@ -32,16 +33,16 @@ from .ops_triton_common import SCALAR_CONFIGS, launch
 
 @triton.jit
 def fwp_step_kernel(q, k, v, beta, g, s, o, scale, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, USE_BETA: tl.constexpr, USE_G: tl.constexpr, L2NORM: tl.constexpr):
+                    BV: tl.constexpr, G: tl.constexpr, USE_BETA: tl.constexpr, USE_G: tl.constexpr,
+                    L2NORM: tl.constexpr):
+    # One program per (value block, batch * state head): it writes the state once, then its G queries read it.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    b_q = tl.load(q + i_nh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k + i_nh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_v = tl.load(v + i_nh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     if L2NORM:
-        b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q)), 1e-6)
         b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k)), 1e-6)
     p_s = s + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
@@ -53,9 +54,14 @@ def fwp_step_kernel(q, k, v, beta, g, s, o, scale, K: tl.constexpr, V: tl.conste
     else:
         b_u = b_v
     b_s = b_s + b_k[:, None] * b_u[None, :]
-    b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
     tl.store(p_s, b_s, mask=m_s)
-    tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    for j in tl.static_range(G):
+        i_q = i_nh * G + j
+        b_q = tl.load(q + i_q * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        if L2NORM:
+            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q)), 1e-6)
+        b_o = tl.sum(b_q[:, None] * b_s, axis=0) * scale
+        tl.store(o + i_q * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,11 +78,12 @@ def step_tiles(K: int, V: int) -> tuple[int, int]:
 
 def launch_step(q, k, v, beta, g, state, o, scale: float, qk_l2norm: bool) -> None:
     B, _, H, K = q.shape
-    V = v.shape[-1]
+    Hs, V = k.shape[2], v.shape[-1]
     BK, BV = step_tiles(K, V)
-    launch(fwp_step_kernel, lambda meta: (triton.cdiv(V, BV), B * H), SCALAR_CONFIGS, key=[],
+    launch(fwp_step_kernel, lambda meta: (triton.cdiv(V, BV), B * Hs), SCALAR_CONFIGS, key=[],
            q=q, k=k, v=v, beta=state if beta is None else beta, g=state if g is None else g, s=state, o=o,
-           scale=scale, K=K, V=V, BK=BK, BV=BV, USE_BETA=beta is not None, USE_G=g is not None, L2NORM=qk_l2norm)
+           scale=scale, K=K, V=V, BK=BK, BV=BV, G=H // Hs, USE_BETA=beta is not None, USE_G=g is not None,
+           L2NORM=qk_l2norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,14 +103,14 @@ def _fwp_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     beta = None if beta is None else beta.contiguous()
     g = None if g is None else g.contiguous()
-    o = torch.empty_like(v)
+    o = v.new_empty(q.shape[:3] + v.shape[-1:])  # [B, 1, H, V]: one output per query head
     launch_step(q, k, v, beta, g, state, o, scale, qk_l2norm)
     return o
 
 
 @_fwp_step_op.register_fake
 def _(q, k, v, beta, g, state, scale, qk_l2norm):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+    return v.new_empty(q.shape[:3] + v.shape[-1:])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -88,6 +88,18 @@ def test_compiled_decode_is_one_graph_and_gives_the_eager_tokens(rule, layout):
     assert 1 <= counters["stats"]["unique_graphs"] <= (1 if layout == "fwp" else 2)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_states_shared_by_query_groups_decode_static_and_compiled_like_eager(rule):
+    torch._dynamo.reset()
+    model = tiny_model(rule=rule, layout="lolcats", fwp_state_heads="kv")
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"), **kwargs)
+    assert torch.equal(compiled, expected)
+
+
 @pytest.mark.parametrize("layout", ["fwp", "lolcats"])
 def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
     # The real compiler on CPU (C++ codegen): generated code, not only the traced graph, must give the same tokens.
@@ -102,12 +114,13 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("rule", RULES)
-def test_triton_backend_decodes_like_the_torch_path(rule):
+@pytest.mark.parametrize("state_heads", ["query", "kv"])
+def test_triton_backend_decodes_like_the_torch_path(rule, state_heads):
     # The Triton step (the interpreter without a GPU) inside the model: same logits as the torch step, and
     # generate(cache_implementation="static") with a fullgraph compile keeps it as one opaque op.
     ids, mask = _padded_batch()
-    eager = tiny_model(rule=rule, layout="lolcats")
-    triton_model = tiny_model(rule=rule, layout="lolcats", fwp_backend="triton")
+    eager = tiny_model(rule=rule, layout="lolcats", fwp_state_heads=state_heads)
+    triton_model = tiny_model(rule=rule, layout="lolcats", fwp_backend="triton", fwp_state_heads=state_heads)
     with torch.no_grad():
         a = eager(ids[:, :6], use_cache=True)
         b = triton_model(ids[:, :6], use_cache=True)

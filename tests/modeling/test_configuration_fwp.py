@@ -23,6 +23,9 @@ from hf_fwp import FWPConfig
         (dict(norm_type="batch"), "unknown norm_type"),
         (dict(position_embedding_type="alibi"), "unknown position_embedding_type"),
         (dict(hidden_size=0), "`hidden_size` must be a positive integer"),
+        (dict(fwp_state_heads="value"), "unknown fwp_state_heads 'value'"),
+        (dict(fwp_state_heads="kv", share_feature_map=True, num_attention_heads=8, num_key_value_heads=2),
+         "share_feature_map=True needs as many key as query"),
     ],
 )
 def test_impossible_configs_raise_value_error(kwargs, pattern):

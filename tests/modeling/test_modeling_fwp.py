@@ -14,8 +14,9 @@ RULES = ["linear", "gated_linear", "delta", "gated_delta"]
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_prefill_plus_decoding_equals_full_forward(rule, layout):
-    model = tiny_model(rule=rule, layout=layout)
+@pytest.mark.parametrize("state_heads", ["query", "kv"])
+def test_prefill_plus_decoding_equals_full_forward(rule, layout, state_heads):
+    model = tiny_model(rule=rule, layout=layout, fwp_state_heads=state_heads)
     ids = torch.randint(3, 64, (2, 19))
     with torch.no_grad():
         full = model(ids).logits
@@ -27,6 +28,32 @@ def test_prefill_plus_decoding_equals_full_forward(rule, layout):
             pieces.append(out.logits)
     assert isinstance(cache, FWPCache) and cache.get_seq_length() == 19
     assert rel_err(torch.cat(pieces, 1), full) < 1e-4
+    heads = {"query": model.config.num_attention_heads, "kv": model.config.num_key_value_heads}[state_heads]
+    states = [layer.recurrent_states[0] for layer in cache.layers if getattr(layer, "recurrent_states", None)]
+    assert states and all(S.shape[1] == heads for S in states)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_kv_states_are_query_states_with_each_groups_parameters_shared(rule):
+    # fwp_state_heads="kv" is grouped-query FWP attention: the same model as per-query-head states whose key
+    # feature maps, beta and gates are copies of their group's.
+    options = dict(rule=rule, layout="lolcats", feature_map="hedgehog" if "linear" in rule else "t2r")
+    kv, per_query = tiny_model(seed=3, fwp_state_heads="kv", **options), tiny_model(seed=4, **options)
+    G = kv.config.num_attention_heads // kv.config.num_key_value_heads
+    kv_state, state = kv.state_dict(), {}
+    for name, target in per_query.state_dict().items():
+        if ".feature_map_k.layers." in name:  # one Linear per head: query head i takes its group's, i // G
+            prefix, rest = name.split(".feature_map_k.layers.")
+            head, leaf = rest.split(".", 1)
+            state[name] = kv_state[f"{prefix}.feature_map_k.layers.{int(head) // G}.{leaf}"]
+        elif kv_state[name].shape != target.shape:  # beta and gate projections, A_log, dt_bias: per head rows
+            state[name] = kv_state[name].repeat_interleave(G, dim=0)
+        else:
+            state[name] = kv_state[name]
+    per_query.load_state_dict(state)
+    ids = torch.randint(3, 64, (2, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(kv(ids).logits, per_query(ids).logits, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("options", [

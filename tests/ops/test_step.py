@@ -82,10 +82,11 @@ def test_triton_step_in_bf16_keeps_an_fp32_state():
 def test_the_custom_op_is_registered_correctly():
     from hf_fwp.modeling import ops_step_triton as step_triton
 
-    x = _inputs("gated_delta", T=1, K=16, V=16)
-    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"].clone(), 0.25, True)
-    # Schema (the state is declared mutated), fake implementation and dispatch, as torch.compile relies on them.
-    torch.library.opcheck(step_triton._fwp_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    for G in (1, 2):
+        x = _grouped(_inputs("gated_delta", T=1, K=16, V=16), G)
+        args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["initial_state"].clone(), 0.25, True)
+        # Schema (the state is declared mutated), fake implementation and dispatch, as torch.compile relies on them.
+        torch.library.opcheck(step_triton._fwp_step_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.triton
@@ -105,6 +106,35 @@ def test_the_triton_step_compiles_as_one_opaque_node():
     torch.testing.assert_close(state, state_ref)  # the in-place update survives functionalisation
 
 
+def _grouped(x, G):
+    """x with G query heads per state head: q gets G x the heads; k, v, beta, g and the state keep theirs."""
+    B, T, Hs, K = x["k"].shape
+    q = torch.randn(B, T, Hs * G, K, generator=torch.Generator().manual_seed(7)).to(x["q"])
+    return dict(x, q=q)
+
+
+def _expanded(x, G):
+    """The same computation with every state copied to its G query heads (ungrouped)."""
+    rep = lambda t: None if t is None else t.repeat_interleave(G, dim=2)  # noqa: E731
+    y = dict(x, k=rep(x["k"]), v=rep(x["v"]), initial_state=x["initial_state"].repeat_interleave(G, dim=1))
+    for n in ("beta", "g"):
+        if n in x:
+            y[n] = rep(x[n])
+    return y
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_grouped_queries_read_one_shared_state(rule, backend):
+    G = 3
+    x = _grouped(_inputs(rule, H=2, K=16, V=12, T=4, seed=3), G)
+    o, S = _steps(x, backend, scale=0.3, qk_l2norm=True)
+    o_ref, S_ref = _steps(_expanded(x, G), "torch", scale=0.3, qk_l2norm=True)
+    assert o.shape == x["q"].shape[:3] + (12,) and S.shape == x["initial_state"].shape
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(S, S_ref[:, ::G], atol=2e-5, rtol=1e-4)
+
+
 def test_bad_inputs_are_refused():
     x = _inputs("delta", T=1)
     with pytest.raises(ValueError, match="one token"):
@@ -117,6 +147,8 @@ def test_bad_inputs_are_refused():
         fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), beta=x["beta"][..., :1])
     with pytest.raises(ValueError, match="backend"):
         fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), backend="cuda")
+    with pytest.raises(ValueError, match="H a multiple of Hs"):  # 3 query heads cannot share 2 states
+        fwp_step(x["q"], x["k"][:, :, :2], x["v"][:, :, :2], x["initial_state"][:, :2].clone())
 
 
 def test_torch_step_updates_the_state_in_place():
