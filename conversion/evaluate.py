@@ -1,4 +1,5 @@
-"""Evaluation of teacher and student side by side: perplexity on held-out blocks, samples and throughput."""
+"""Evaluation of teacher and student side by side: perplexity and next-token agreement on held-out sets of several
+kinds, samples and throughput."""
 
 from __future__ import annotations
 
@@ -43,24 +44,60 @@ def generate_samples(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     return texts, new_tokens / max(seconds, 1e-9)
 
 
-def compare(teacher, student, tokenizer, blocks, prompts: list[str], *, max_new_tokens: int = 40) -> dict:
-    """Perplexities, their ratio, samples and tokens/s of both models, as a dict (see :func:`report`)."""
-    result = {}
+@torch.no_grad()
+def score_pair(teacher, student, blocks, *, batch_size: int = 4, progress: bool = False) -> dict:
+    """Teacher and student on the same held-out ``blocks`` in one pass: their perplexities, the ratio
+    student / teacher, and ``agreement``, the fraction of positions where their greedy next tokens are equal."""
+    ids = blocks["input_ids"] if hasattr(blocks, "column_names") else blocks
+    if len(ids) == 0:
+        raise ValueError("evaluation needs at least one block of held-out tokens.")
+    nll, same, count = {"teacher": 0.0, "student": 0.0}, 0, 0
+    for model in (teacher, student):
+        model.eval()
+    for i in tqdm(range(0, len(ids), batch_size), desc="evaluation", disable=not progress):
+        argmax = {}
+        for name, model in (("teacher", teacher), ("student", student)):
+            x = torch.tensor(ids[i : i + batch_size], device=next(model.parameters()).device)
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            nll[name] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(),
+                                                           reduction="sum").item()
+            argmax[name] = logits.argmax(-1).cpu()
+        same += (argmax["teacher"] == argmax["student"]).sum().item()
+        count += argmax["teacher"].numel()
+    ppl = {name: math.exp(v / count) for name, v in nll.items()}
+    return {**ppl, "ratio": ppl["student"] / ppl["teacher"], "agreement": same / count}
+
+
+def compare(teacher, student, tokenizer, eval_sets, prompts: list[str], *, max_new_tokens: int = 40) -> dict:
+    """Both models on every held-out set (``{name: blocks}``, or one set of blocks), plus samples and tokens/s.
+
+    Returns ``{"sets": {name: score_pair(...)}, "ratio": mean of the sets' ratios, "agreement": their mean,
+    "teacher"/"student": {"perplexity": mean over the sets, "samples", "tokens_per_s"}, "prompts"}`` (see
+    :func:`report`)."""
+    if not isinstance(eval_sets, dict):
+        eval_sets = {"held-out": eval_sets}
+    sets = {name: score_pair(teacher, student, blocks) for name, blocks in eval_sets.items()}
+    mean = lambda key: sum(r[key] for r in sets.values()) / len(sets)  # noqa: E731
+    result = {"sets": sets, "ratio": mean("ratio"), "agreement": mean("agreement"), "prompts": prompts}
     for name, model in (("teacher", teacher), ("student", student)):
         samples, tps = generate_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-        result[name] = {"perplexity": perplexity(model, blocks), "samples": samples, "tokens_per_s": tps}
-    result["ratio"] = result["student"]["perplexity"] / result["teacher"]["perplexity"]
-    result["prompts"] = prompts
+        result[name] = {"perplexity": mean(name), "samples": samples, "tokens_per_s": tps}
     return result
 
 
 def report(result: dict) -> str:
-    """Markdown: a perplexity / speed table, then the samples of both models per prompt."""
-    lines = ["| model | perplexity | tokens/s (greedy) |", "|---|---|---|"]
-    for name in ("teacher", "student"):
-        r = result[name]
-        lines.append(f"| {name} | {r['perplexity']:.2f} | {r['tokens_per_s']:.1f} |")
-    lines.append(f"\nstudent / teacher perplexity: {result['ratio']:.3f}\n")
+    """Markdown: perplexity and next-token agreement per held-out set with their mean, speed, then the samples of
+    both models per prompt."""
+    lines = ["| held-out set | teacher ppl | student ppl | student / teacher | next-token agreement |",
+             "|---|---|---|---|---|"]
+    for name, r in result["sets"].items():
+        lines.append(f"| {name} | {r['teacher']:.2f} | {r['student']:.2f} | {r['ratio']:.3f} | {r['agreement']:.1%} |")
+    if len(result["sets"]) > 1:
+        lines.append(f"| **mean** | {result['teacher']['perplexity']:.2f} | {result['student']['perplexity']:.2f} | "
+                     f"**{result['ratio']:.3f}** | {result['agreement']:.1%} |")
+    lines.append(f"\nstudent / teacher perplexity (mean over {len(result['sets'])} held-out set"
+                 f"{'s' if len(result['sets']) > 1 else ''}): {result['ratio']:.3f}; greedy tokens/s: teacher "
+                 f"{result['teacher']['tokens_per_s']:.1f}, student {result['student']['tokens_per_s']:.1f}\n")
     for i, prompt in enumerate(result["prompts"]):
         lines.append(f"**prompt:** {prompt!r}\n")
         for name in ("teacher", "student"):

@@ -37,7 +37,9 @@ class Recipe:
 
     Defaults: the LoLCATs-style hybrid (every layer: 64-token softmax window + Hedgehog linear attention), chosen by
     measurement on SmolLM2-135M (README: student/teacher perplexity 1.39 after 8 CPU minutes, against 1062 for a pure
-    gated-delta student with the same budget; 1.23 after the 25 minutes of ``make demo``).
+    gated-delta student with the same budget; 1.23 after the 25 minutes of ``make demo``), with one fast-weight
+    state per key/value head (``fwp_state_heads="kv"``: 1.391 vs 1.388 per query head in the same 40 + 60-step run,
+    for a 3x smaller FWP state on SmolLM2; ``benchmarks/results/recipe_experiments.md``).
     """
 
     fwp_rule: str = "linear"
@@ -45,6 +47,7 @@ class Recipe:
     keep_softmax: str | int | list = "none"
     fwp_layer_type: str = "hybrid_sliding"
     sliding_window: int | None = 64
+    fwp_state_heads: str = "kv"
     fwp_options: dict = field(default_factory=dict)
     block_size: int = 256
     batch_size: int = 4
@@ -81,6 +84,7 @@ class Recipe:
              "'linear_attention' or 'hybrid_sliding'")
         need(self.sliding_window is None or (count(self.sliding_window) and self.sliding_window >= 1),
              "sliding_window", "None or a positive number of tokens")
+        need(self.fwp_state_heads in ("query", "kv"), "fwp_state_heads", "'query' or 'kv'")
         def keep_spec(keep) -> bool:
             if isinstance(keep, str):
                 return keep in ("all", "none")
@@ -99,7 +103,8 @@ class Recipe:
         need(isinstance(self.fwp_options, dict), "fwp_options", "a dict of FWPConfig fields")
 
     def convert_options(self) -> dict:
-        opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, **self.fwp_options)
+        opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, fwp_state_heads=self.fwp_state_heads,
+                    **self.fwp_options)
         if self.feature_map not in ("identity", "silu") and "qk_l2norm" not in opts and self.fwp_rule in (
                 "linear", "gated_linear"):
             opts.update(qk_l2norm=False, normalize_attention=True)
@@ -117,11 +122,15 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         prompts: list[str] | None = None, base_model: str = "unknown", license: str | None = None,
         progress: bool = True) -> dict:
     """Run the recipe end to end; returns the evaluation dict (see :func:`hf_fwp.conversion.evaluate.compare`)
-    with ``minutes`` and ``tokens_seen`` added. The final model is in ``output_dir / "model"``; its card names
+    with ``minutes`` and ``tokens_seen`` added. ``eval_blocks``: held-out blocks, or ``{name: blocks}`` for several
+    held-out sets (each reported, and their mean). The final model is in ``output_dir / "model"``; its card names
     ``base_model`` and, when given, the teacher's ``license`` (see :func:`hf_fwp.conversion.hub.teacher_license`)."""
     from hf_fwp.modeling import FWPForCausalLM
 
     from accelerate import PartialState
+
+    eval_sets = eval_blocks if isinstance(eval_blocks, dict) else {"held-out": eval_blocks}
+    first_eval = next(iter(eval_sets.values()))
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -164,7 +173,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         transfer = json.loads((stage1_dir / "transfer.json").read_text())
     else:
         result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
-                                    eval_batches=_batches(eval_blocks, recipe.batch_size)[:2] or batches[:1],
+                                    eval_batches=_batches(first_eval, recipe.batch_size)[:2] or batches[:1],
                                     progress=progress)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
         if state.is_main_process:
@@ -183,7 +192,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum * state.num_processes) * (
         recipe.batch_size * recipe.block_size)
     prompts = prompts or ["The meaning of life is", "Once upon a time"]
-    result = compare(teacher, student, tokenizer, eval_blocks, prompts)
+    result = compare(teacher, student, tokenizer, eval_sets, prompts)
     result.update(minutes=(time.perf_counter() - start) / 60, tokens_seen=tokens_seen, transfer=transfer,
                   recipe=asdict(recipe))
     if state.is_main_process:
@@ -196,7 +205,8 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
     """A new run records its recipe; a resumed one must use the same (its checkpoints were built with it)."""
     current = json.loads(json.dumps(asdict(recipe)))
     if resume and path.exists():
-        stored = json.loads(path.read_text())
+        # Runs recorded before Recipe had fwp_state_heads built one state per query head.
+        stored = {"fwp_state_heads": "query", **json.loads(path.read_text())}
         changed = {k: (stored.get(k), v) for k, v in current.items() if k != "save_steps" and stored.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

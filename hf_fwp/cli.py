@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 import hf_fwp
@@ -98,6 +99,9 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
                    "softmax + FWP in one layer) (default: %(default)s)")
     g.add_argument("--window", type=int, default=None,
                    help=f"sliding window of hybrid_sliding layers, in tokens (default: {d.sliding_window})")
+    g.add_argument("--state-heads", default=d.fwp_state_heads, choices=["query", "kv"],
+                   help="one fast-weight state per query head, or per key/value head shared by its query group "
+                   "(a smaller decode cache for grouped-query teachers) (default: %(default)s)")
 
 
 def _load_teacher(spec: str, role: str = "teacher"):
@@ -121,7 +125,7 @@ def _recipe_from(args):
         raise CLIError("--window sets the window of hybrid_sliding layers; with --layer-type linear_attention there "
                        "are none (kept softmax layers keep the teacher's own attention).")
     return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
-                  fwp_layer_type=args.layer_type, sliding_window=window)
+                  fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads)
 
 
 def _convert_args(p):
@@ -221,7 +225,8 @@ def _distill_args(p):
 
 
 # Recipe fields whose command-line flag is not simply --field-name.
-_FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_window": "--window"}
+_FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_window": "--window",
+          "fwp_state_heads": "--state-heads"}
 
 
 def _distill_run(args) -> int:
@@ -254,8 +259,11 @@ def _distill_run(args) -> int:
 def _eval_args(p):
     p.add_argument("model", help="the FWP (student) model folder")
     p.add_argument("--teacher", required=True, help="model folder, .gguf file or Hub id to compare with")
-    _data_args(p, training=False)
-    p.add_argument("--max-blocks", type=int, default=32, help="evaluate on at most this many blocks "
+    _data_args(p, required=False, training=False)
+    p.add_argument("--offline-sets", action="store_true",
+                   help="also evaluate on the offline corpus's held-out sets (stdlib docstrings, installed packages' "
+                   "docstrings and READMEs; never trained on by the demo); each file of --data is its own set")
+    p.add_argument("--max-blocks", type=int, default=32, help="evaluate on at most this many blocks per held-out set "
                    "(default: %(default)s)")
     p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
 
@@ -265,12 +273,23 @@ def _eval_run(args) -> int:
 
     if args.max_blocks < 1:
         raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
+    sources = args.eval_data or args.data or []
+    if not sources and not args.offline_sets:
+        raise CLIError("give held-out text with --data FILE [FILE ...] (each file is one set), or --offline-sets.")
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model, role="student")
-    # Only held-out text is needed here: pack just that (all of --data when no --eval-data is given).
-    held = _pack(args.eval_data or args.data, args, tokenizer)
-    held = held.select(range(min(len(held), args.max_blocks)))
-    print(report(compare(teacher, student, tokenizer, held, args.prompt or ["The meaning of life is"])))
+    # Each local file is one held-out set (a Hub dataset name is one set); only held-out text is packed.
+    files = [s for s in sources if Path(s).is_file()]
+    groups = [[s] for s in files] + ([[s for s in sources if s not in files]] if len(files) < len(sources) else [])
+    sets = {Path(g[0]).name if len(g) == 1 else ", ".join(g): _pack(g, args, tokenizer) for g in groups}
+    if args.offline_sets:
+        from hf_fwp.conversion.corpus import offline_corpus
+        from hf_fwp.conversion.data import pack
+
+        for kind, text in offline_corpus()[1].items():
+            sets[kind] = pack(text, tokenizer, args.block_size)
+    sets = {name: blocks.select(range(min(len(blocks), args.max_blocks))) for name, blocks in sets.items()}
+    print(report(compare(teacher, student, tokenizer, sets, args.prompt or ["The meaning of life is"])))
     return 0
 
 

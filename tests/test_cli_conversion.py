@@ -103,9 +103,15 @@ def test_distill_eval_push(teacher_dir, capsys):
     out = capsys.readouterr().out
     assert "student / teacher perplexity" in out and (run / "model" / "README.md").exists()
     assert main(args) == 2 and "not empty" in capsys.readouterr().err
+    other = teacher_dir / "other.txt"
+    other.write_text(" ".join(reversed((teacher_dir / "train.txt").read_text().split())))
     assert main(["eval", str(run / "model"), "--teacher", str(teacher_dir / "teacher"), "--data",
-                 str(teacher_dir / "train.txt"), "--block-size", "16", "--max-blocks", "4"]) == 0
-    assert "| student |" in capsys.readouterr().out
+                 str(teacher_dir / "train.txt"), str(other), "--block-size", "16", "--max-blocks", "4"]) == 0
+    out = capsys.readouterr().out  # one set per file, their mean, and the greedy next-token agreement
+    assert "| train.txt |" in out and "| other.txt |" in out and "| **mean** |" in out
+    assert "next-token agreement" in out and "mean over 2 held-out sets" in out
+    assert main(["eval", str(run / "model"), "--teacher", str(teacher_dir / "teacher")]) == 2
+    assert "--offline-sets" in capsys.readouterr().err
     assert main(["push", str(run / "model"), "me/tiny-fwp", "--dry-run"]) == 0
     listing = capsys.readouterr().out
     for name in ("config.json", "model.safetensors", "modeling_fwp.py", "configuration_fwp.py", "README.md",

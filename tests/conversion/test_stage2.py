@@ -100,7 +100,20 @@ def test_evaluation_reports_perplexity_samples_and_speed():
     result = compare(teacher, student, tok, blocks, ["the quick brown"], max_new_tokens=5)
     assert result["ratio"] == pytest.approx(1.0, abs=1e-4)
     assert result["teacher"]["samples"] == result["student"]["samples"]
-    assert result["student"]["tokens_per_s"] > 0 and "student / teacher perplexity: 1.000" in report(result)
+    assert result["student"]["tokens_per_s"] > 0
+    assert "student / teacher perplexity (mean over 1 held-out set): 1.000" in report(result)
+    assert result["agreement"] == 1.0  # the exact conversion predicts the teacher's every next token
+
+    # Several held-out sets: each is reported, and the mean of their ratios is the headline number.
+    fwp = convert(teacher, fwp_rule="linear", feature_map="hedgehog", normalize_attention=True, qk_l2norm=False)
+    sets = {"first": blocks.select(range(2)), "rest": blocks.select(range(2, len(blocks)))}
+    result = compare(teacher, fwp, tok, sets, ["the quick brown"], max_new_tokens=5)
+    ratios = [result["sets"][k]["ratio"] for k in sets]
+    assert result["ratio"] == pytest.approx(sum(ratios) / 2) and all(r != pytest.approx(1.0) for r in ratios)
+    other = LlamaForCausalLM(teacher.config).eval()  # another random model predicts other tokens
+    assert compare(teacher, other, tok, sets, ["the quick brown"], max_new_tokens=5)["agreement"] < 1
+    text = report(result)
+    assert "| first |" in text and "| rest |" in text and "| **mean** |" in text
 
 
 def test_resume_skips_incomplete_checkpoints(tmp_path):
