@@ -43,7 +43,11 @@ def _saved_code_differs(where: str, hub_kwargs: dict) -> bool:
     ``*.py`` whose bytes differ from this module's siblings; for a Hub id, another recorded ``hf_fwp_version``."""
     here = Path(__file__).parent
     if os.path.isdir(where):
-        saved = list(Path(where).glob("*.py"))
+        if not (Path(where) / "modeling_fwp.py").is_file():
+            return False  # no saved code to run
+        ours = {f.name for f in here.glob("*.py")}
+        # The model's modules (other .py files a user keeps in the folder are not model code).
+        saved = [f for f in Path(where).glob("*.py") if f.name in ours or f.name.startswith(("ops_", "layers_"))]
         return any(not (here / f.name).is_file() or f.read_bytes() != (here / f.name).read_bytes() for f in saved)
     try:
         from transformers.utils import cached_file

@@ -6,6 +6,7 @@ import ast
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,13 @@ def test_a_config_from_another_version_warns_when_read_by_this_code():
     with pytest.warns(UserWarning, match="written by hf-fwp 0.0.1 .* trust_remote_code=True"):
         hf_fwp.FWPConfig(hf_fwp_version="0.0.1")
     assert hf_fwp.FWPConfig().to_dict()["hf_fwp_version"] == hf_fwp.__version__
+
+
+def test_a_users_own_python_file_in_the_folder_is_not_taken_for_model_code(saved, tmp_path):
+    folder = tmp_path / "with_script"
+    shutil.copytree(saved["gated_delta"][0], folder)
+    (folder / "train_more.py").write_text("print('my own script')\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is hf_fwp.FWPForCausalLM
