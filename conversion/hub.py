@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# What a model folder written by hf-fwp holds and push uploads (everything else, e.g. checkpoints, stays local).
-# Text files only by name: a stray notes.txt in the folder must not be published.
-UPLOAD_PATTERNS = ("*.json", "*.safetensors", "*.py", "README.md", "merges.txt", "vocab.txt", "*.model", "*.png")
+# What a model folder written by hf-fwp holds and push uploads, by name (everything else, e.g. checkpoints, a user's
+# notes.txt, credentials.json or own scripts, stays local). Python files: the model's modules (see modeling/).
+UPLOAD_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json",
+                   "chat_template.jinja", "results.json", "*.safetensors", "*.safetensors.index.json",
+                   "modeling_fwp.py", "configuration_fwp.py", "ops_*.py", "layers_*.py", "README.md", "merges.txt",
+                   "vocab.txt", "*.model", "*.png")
 
 
 def load_teacher(spec: str, *, dtype=None, role: str = "teacher"):

@@ -9,6 +9,7 @@ rerun picks up from the last finished stage and the last Trainer checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,13 +96,23 @@ class Recipe:
 
         need(keep_spec(self.keep_softmax), "keep_softmax",
              "'all', 'none', an int k >= 1 (every k-th layer) or a list of layer indices")
-        for name in ("block_size", "batch_size", "stage2_steps", "grad_accum", "lora_rank", "save_steps"):
+        for name in ("batch_size", "stage2_steps", "grad_accum", "lora_rank", "save_steps"):
             need(count(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(count(self.block_size) and self.block_size >= 2, "block_size", "an integer >= 2 (tokens per block)")
+        need(count(self.seed), "seed", "an integer")
+        need(isinstance(self.train_fwp_in_stage2, bool), "train_fwp_in_stage2", "True or False")
+        need(isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0
+             and all(isinstance(t, str) and t for t in self.lora_targets), "lora_targets",
+             "a non-empty list of module names (e.g. ('q_proj', 'v_proj'))")
         need(count(self.stage1_steps) and self.stage1_steps >= 0, "stage1_steps", "an integer >= 0")
         for name in ("stage1_lr", "stage2_lr", "temperature"):
-            need(number(getattr(self, name)) and getattr(self, name) > 0, name, "a positive number")
-        need(number(self.ce_weight) and self.ce_weight >= 0, "ce_weight", "a number >= 0")
+            need(number(getattr(self, name)) and 0 < getattr(self, name) < math.inf, name, "a positive finite number")
+        need(number(self.ce_weight) and 0 <= self.ce_weight < math.inf, "ce_weight", "a finite number >= 0")
         need(isinstance(self.fwp_options, dict), "fwp_options", "a dict of FWPConfig fields")
+        own = sorted(set(self.fwp_options) & {"fwp_rule", "feature_map", "fwp_state_heads", "keep_softmax",
+                                              "fwp_layer_type", "sliding_window"})
+        need(not own, "fwp_options", f"other FWPConfig fields than Recipe's own ({', '.join(own)}: set those as "
+             "Recipe fields)")
 
     def convert_options(self) -> dict:
         opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, fwp_state_heads=self.fwp_state_heads,
@@ -157,7 +168,18 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     resumed_stage1 = resume and (stage1_dir / "config.json").exists()
     if not resumed_stage1:
         # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
+        for name, blocks in {"training": train_blocks, **{f"held-out {k!r}": v for k, v in eval_sets.items()}}.items():
+            length = len(blocks["input_ids"][0]) if len(blocks) else recipe.block_size
+            if length != recipe.block_size:
+                raise ValueError(f"the {name} blocks hold {length} tokens but the recipe's block_size is "
+                                 f"{recipe.block_size}: pack them with block_size={recipe.block_size}, or set "
+                                 f"Recipe(block_size={length}).")
         student = convert(teacher, **recipe.convert_options())
+        modules = {n.rsplit(".", 1)[-1] for n, _ in student.named_modules()}
+        missing = [t for t in recipe.lora_targets if t not in modules]
+        if missing:
+            raise ValueError(f"lora_targets {missing} name no module of the student; its linear layers include "
+                             f"{sorted(m for m in modules if m.endswith('_proj'))}.")
         limit = student.config.max_position_embeddings
         if student.config.position_embedding_type == "learned" and recipe.block_size > limit:
             raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
@@ -272,7 +294,7 @@ Triton kernels on CUDA when `triton` is installed).
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_id = "path/to/this/folder"  # or its Hub id, "user/name"
-tokenizer = AutoTokenizer.from_pretrained(model_id)
+tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)  # reads config.json's auto_map
 model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)
 inputs = tokenizer("The meaning of life is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0], skip_special_tokens=True))

@@ -124,8 +124,13 @@ def _recipe_from(args):
     elif window is not None:
         raise CLIError("--window sets the window of hybrid_sliding layers; with --layer-type linear_attention there "
                        "are none (kept softmax layers keep the teacher's own attention).")
-    return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
-                  fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads)
+    from hf_fwp.conversion.pipeline import RecipeError
+
+    try:
+        return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
+                      fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads)
+    except RecipeError as e:
+        raise CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
 
 
 def _convert_args(p):
@@ -188,10 +193,15 @@ def _pack(sources: list[str], args, tokenizer):
 
 
 def _blocks(args, tokenizer):
-    """``(train, held_out)``: --data and --eval-data, or a 90/10 split of --data."""
+    """``(train, held_out)``: --data and ``{set name: blocks}`` of --eval-data (one set per file), or a 90/10
+    split of --data."""
     ds = _pack(args.data, args, tokenizer)
     if args.eval_data:
-        return ds, _pack(args.eval_data, args, tokenizer)
+        shared = sorted(set(map(_resolved, args.eval_data)) & set(map(_resolved, args.data)))
+        if shared:
+            raise CLIError(f"--eval-data {', '.join(shared)} is also in --data: held-out text must never be trained "
+                           "on; give other files (or leave --eval-data out for a 90/10 split of --data).")
+        return ds, {name: _pack(group, args, tokenizer) for name, group in _held_out_groups(args.eval_data).items()}
     if len(ds) < 2:
         raise CLIError(f"--data gives only {len(ds)} blocks of {args.block_size} tokens; add text or lower "
                        "--block-size.")
@@ -226,7 +236,7 @@ def _distill_args(p):
 
 # Recipe fields whose command-line flag is not simply --field-name.
 _FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_window": "--window",
-          "fwp_state_heads": "--state-heads"}
+          "fwp_state_heads": "--state-heads", "keep_softmax": "--keep-softmax"}
 
 
 def _distill_run(args) -> int:
@@ -268,26 +278,43 @@ def _eval_args(p):
     p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
 
 
+def _resolved(source: str) -> str:
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def _held_out_groups(sources: list[str]) -> dict[str, list[str]]:
+    """``{set name: sources}``: each local file is one held-out set, named by its file name (its path when two
+    files share a name); the remaining sources (Hub dataset names) form one set."""
+    files = [s for s in sources if Path(s).is_file()]
+    names = [Path(f).name for f in files]
+    groups = {(n if names.count(n) == 1 else f): [f] for f, n in zip(files, names)}
+    rest = [s for s in sources if s not in files]
+    if rest:
+        groups[", ".join(rest)] = rest
+    return groups
+
+
 def _eval_run(args) -> int:
     from hf_fwp.conversion.evaluate import compare, report
 
     if args.max_blocks < 1:
         raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
-    sources = args.eval_data or args.data or []
+    if args.block_size < 2:
+        raise CLIError(f"--block-size must be at least 2 tokens; got {args.block_size}.")
+    if args.prompt is not None and any(not p.strip() for p in args.prompt):
+        raise CLIError("--prompt must not be empty: give the text to continue.")
+    sources = list(dict.fromkeys((args.data or []) + (args.eval_data or [])))
     if not sources and not args.offline_sets:
         raise CLIError("give held-out text with --data FILE [FILE ...] (each file is one set), or --offline-sets.")
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model, role="student")
-    # Each local file is one held-out set (a Hub dataset name is one set); only held-out text is packed.
-    files = [s for s in sources if Path(s).is_file()]
-    groups = [[s] for s in files] + ([[s for s in sources if s not in files]] if len(files) < len(sources) else [])
-    sets = {Path(g[0]).name if len(g) == 1 else ", ".join(g): _pack(g, args, tokenizer) for g in groups}
+    sets = {name: _pack(group, args, tokenizer) for name, group in _held_out_groups(sources).items()}
     if args.offline_sets:
         from hf_fwp.conversion.corpus import offline_corpus
         from hf_fwp.conversion.data import pack
 
         for kind, text in offline_corpus()[1].items():
-            sets[kind] = pack(text, tokenizer, args.block_size)
+            sets[f"offline: {kind}"] = pack(text, tokenizer, args.block_size)
     sets = {name: blocks.select(range(min(len(blocks), args.max_blocks))) for name, blocks in sets.items()}
     print(report(compare(teacher, student, tokenizer, sets, args.prompt or ["The meaning of life is"])))
     return 0

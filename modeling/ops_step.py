@@ -41,8 +41,13 @@ def fwp_step(
     Returns:
         o ``[B, 1, H, V]`` in v's dtype.
     """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"fwp_step: q, k and v must be 4-D [B, 1, heads, dim]; got {q.dim()}-D, {k.dim()}-D and "
+                         f"{v.dim()}-D tensors.")
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"fwp_step: q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
     B, T, H, K = q.shape
-    Hs = k.shape[2] if k.dim() == 4 else -1
+    Hs = k.shape[2]
     if T != 1 or k.shape != (B, 1, Hs, K) or Hs < 1 or H % Hs or v.shape[:3] != (B, 1, Hs):
         raise ValueError(
             f"fwp_step: q must be [B, 1, H, K], k [B, 1, Hs, K] and v [B, 1, Hs, V] (one token; H a multiple of Hs); "

@@ -1,5 +1,8 @@
 """CLI smoke tests for convert / distill / eval / generate / push on a tiny local teacher."""
 
+import os
+import stat
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -128,10 +131,10 @@ def test_distill_eval_push(teacher_dir, capsys):
     ("--stage2-steps", "0", "--stage2-steps must be an integer >= 1"),
     ("--stage1-steps", "-1", "--stage1-steps must be an integer >= 0"),
     ("--batch-size", "0", "--batch-size must be an integer >= 1"),
-    ("--ce-weight", "-5", "--ce-weight must be a number >= 0"),
-    ("--temperature", "0", "--temperature must be a positive number"),
+    ("--ce-weight", "-5", "--ce-weight must be a finite number >= 0"),
+    ("--temperature", "0", "--temperature must be a positive finite number"),
     ("--lora-rank", "0", "--lora-rank must be an integer >= 1"),
-    ("--block-size", "0", "--block-size must be an integer >= 1"),
+    ("--block-size", "0", "--block-size must be an integer >= 2"),
     ("--keep-softmax", "", "--keep-softmax ''"),
 ])
 def test_distill_checks_every_number_before_any_work(tmp_path, capsys, flag, value, message):
@@ -147,7 +150,9 @@ def test_recipe_validates_its_fields():
     from hf_fwp.conversion.pipeline import Recipe, RecipeError
 
     for bad in (dict(stage2_steps=0), dict(keep_softmax="every:2"), dict(keep_softmax=True), dict(fwp_rule="x"),
-                dict(sliding_window=0), dict(temperature=-1.0), dict(batch_size=2.5)):
+                dict(sliding_window=0), dict(temperature=-1.0), dict(batch_size=2.5), dict(lora_targets="q_proj"),
+                dict(lora_targets=()), dict(seed="x"), dict(train_fwp_in_stage2="no"), dict(temperature=float("inf")),
+                dict(block_size=1), dict(fwp_options={"fwp_rule": "delta"}), dict(fwp_state_heads="value")):
         with pytest.raises(RecipeError, match=next(iter(bad))):
             Recipe(**bad)
     Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")
@@ -300,3 +305,40 @@ def test_push_uploads_to_a_branch_with_huggingface_hub(teacher_dir, tmp_path, ca
     assert ("create_repo", "me/model", True) in calls and ("create_branch", "me/model", "v1") in calls
     upload = next(c for c in calls if c[0] == "upload")
     assert upload[1:3] == ("me/model", "v1") and "model.safetensors" in upload[3] and "config.json" in upload[3]
+
+
+def test_new_user_pass_findings(teacher_dir, tmp_path, capsys, monkeypatch):
+    teacher = str(teacher_dir / "teacher")
+    # A bad --keep-softmax is one line for convert as for distill.
+    assert main(["convert", teacher, str(tmp_path / "c"), "--keep-softmax", "every:0"]) == 2
+    assert "--keep-softmax" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    # eval checks its options before loading anything.
+    assert main(["eval", teacher, "--teacher", teacher, "--data", str(teacher_dir / "train.txt"), "--prompt", ""]) == 2
+    assert "--prompt must not be empty" in capsys.readouterr().err
+    assert main(["eval", teacher, "--teacher", teacher, "--offline-sets", "--block-size", "1"]) == 2
+    assert "--block-size must be at least 2" in capsys.readouterr().err
+    # Every file is its own set: --data and --eval-data both count, same-named files stay apart.
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "set.txt").write_text((teacher_dir / "train.txt").read_text())
+    assert main(["eval", teacher, "--teacher", teacher, "--data", str(tmp_path / "a" / "set.txt"), "--eval-data",
+                 str(tmp_path / "b" / "set.txt"), "--block-size", "16", "--max-blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"| {tmp_path / 'a' / 'set.txt'} |" in out and f"| {tmp_path / 'b' / 'set.txt'} |" in out
+    # Held-out text that is also training text is refused.
+    assert main(["distill", teacher, str(tmp_path / "r"), "--data", str(teacher_dir / "train.txt"), "--eval-data",
+                 str(teacher_dir / "train.txt")]) == 2
+    assert "never be trained on" in capsys.readouterr().err
+    # Folders get the usual permissions, and push publishes the model's files only.
+    folder = tmp_path / "model"
+    assert main(["convert", teacher, str(folder)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    (folder / "credentials.json").write_text("{}")
+    (folder / "my_script.py").write_text("print(1)\n")
+    capsys.readouterr()
+    assert main(["push", str(folder), "me/model", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "credentials.json" not in listing and "my_script.py" not in listing
+    assert "  ops_step_triton.py\n" in listing and "  config.json\n" in listing

@@ -97,3 +97,15 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     # Resuming restores optimizer, scheduler and RNG states: the result equals the uninterrupted run.
     torch.testing.assert_close(resumed(ids).logits, ref_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_blocks_that_do_not_fit_the_recipe_and_unknown_lora_targets_are_refused_before_any_write(tmp_path):
+    from dataclasses import replace
+
+    tok, teacher, train, held_out, recipe = _setup()
+    with pytest.raises(ValueError, match="blocks hold 16 tokens but the recipe's block_size is 32"):
+        pipeline.run(teacher, tok, train, held_out, replace(recipe, block_size=32), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"lora_targets \['nope'\] name no module"):
+        pipeline.run(teacher, tok, train, held_out, replace(recipe, lora_targets=("q_proj", "nope")), tmp_path / "b",
+                     progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -157,3 +157,13 @@ def test_torch_step_updates_the_state_in_place():
     ptr = state.data_ptr()
     torch_fwp_step(x["q"], x["k"], x["v"], state, g=x["g"], scale=0.3)
     assert state.data_ptr() == ptr and not torch.equal(state, x["initial_state"])
+
+
+def test_inputs_of_the_wrong_rank_or_dtype_are_named():
+    x = _inputs("delta", T=1)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        fwp_step(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["initial_state"])
+    with pytest.raises(ValueError, match="one floating dtype"):
+        fwp_step(x["q"].bfloat16(), x["k"], x["v"], x["initial_state"])
+    with pytest.raises(ValueError, match="one floating dtype"):
+        fwp_step(x["q"].long(), x["k"].long(), x["v"].long(), x["initial_state"])
