@@ -278,6 +278,15 @@ def _eval_args(p):
     p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
 
 
+def _learned_positions(model) -> int | None:
+    """The length of a model's learned position table (GPT-2 style, or an FWP student converted from one); None
+    when positions are not a table (rotary)."""
+    config = model.config
+    if getattr(config, "position_embedding_type", None) == "learned":
+        return config.max_position_embeddings
+    return getattr(config, "n_positions", None)
+
+
 def _resolved(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
@@ -308,6 +317,11 @@ def _eval_run(args) -> int:
         raise CLIError("give held-out text with --data FILE [FILE ...] (each file is one set), or --offline-sets.")
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model, role="student")
+    for spec, model in ((args.teacher, teacher), (args.model, student)):
+        limit = _learned_positions(model)
+        if limit is not None and args.block_size > limit:
+            raise CLIError(f"--block-size {args.block_size} is longer than the {limit} learned positions of "
+                           f"{spec}: use --block-size {limit} or less.")
     sets = {name: _pack(group, args, tokenizer) for name, group in _held_out_groups(sources).items()}
     if args.offline_sets:
         from hf_fwp.conversion.corpus import offline_corpus
@@ -335,6 +349,11 @@ def _generate_run(args) -> int:
     if any(not p.strip() for p in args.prompt):
         raise CLIError("--prompt must not be empty: give the text to continue.")
     model, tokenizer = _load_teacher(args.model, role="model")
+    limit = _learned_positions(model)
+    longest = max(len(tokenizer(p)["input_ids"]) for p in args.prompt) + args.max_new_tokens
+    if limit is not None and longest > limit:
+        raise CLIError(f"{args.model} has a learned table of {limit} positions, but the longest prompt plus "
+                       f"--max-new-tokens is {longest} tokens: shorten the prompt or lower --max-new-tokens.")
     texts, tps = generate_samples(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}\n")

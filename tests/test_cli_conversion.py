@@ -231,6 +231,15 @@ def test_learned_positions_bound_the_block_size_before_any_work(tmp_path, capsys
     assert main(["distill", str(tmp_path / "gpt2"), str(run), "--data", str(tmp_path / "train.txt"),
                  "--block-size", "32"]) == 2
     assert "longer than the 16 positions" in capsys.readouterr().err and not run.exists()
+    # eval and generate check the same bound (and a converted student's learned table) before running.
+    gpt2 = str(tmp_path / "gpt2")
+    assert main(["convert", gpt2, str(tmp_path / "student")]) == 0
+    assert main(["eval", str(tmp_path / "student"), "--teacher", gpt2, "--data", str(tmp_path / "train.txt"),
+                 "--block-size", "32"]) == 2
+    assert "longer than the 16 learned positions" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "some text", "--max-new-tokens", "40"]) == 2
+    assert "learned table of 16 positions" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "some text", "--max-new-tokens", "4"]) == 0
 
 
 def test_help_shows_defaults_and_describes_every_option(capsys):
