@@ -124,6 +124,9 @@ def _recipe_from(args):
     elif window is not None:
         raise CLIError("--window sets the window of hybrid_sliding layers; with --layer-type linear_attention there "
                        "are none (kept softmax layers keep the teacher's own attention).")
+    if args.window is not None and args.keep_softmax.strip().lower() == "all":
+        raise CLIError("--window sets the window of hybrid_sliding layers; with --keep-softmax all there are none "
+                       "(every layer keeps the teacher's own attention).")
     from hf_fwp.conversion.pipeline import RecipeError
 
     try:
@@ -145,6 +148,9 @@ def _convert_run(args) -> int:
     from hf_fwp.conversion.folders import atomic_folder, check_output_folder
 
     recipe = _recipe_from(args)
+    if args.overwrite and Path.cwd().resolve().is_relative_to(Path(args.output).resolve()):
+        raise CLIError(f"{args.output} is the folder you are in (or holds it): it cannot be replaced; run from "
+                       "elsewhere or choose another OUTPUT.")
     try:  # before loading anything: a refused OUTPUT costs nothing
         check_output_folder(args.output, overwrite=args.overwrite, flag="--overwrite")
     except ValueError as e:

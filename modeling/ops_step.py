@@ -11,6 +11,7 @@ import torch
 
 from .ops_dispatch import floor_gate, triton_available
 from .ops_step_reference import torch_fwp_step
+from .ops_utils import check_scale
 
 __all__ = ["fwp_step", "torch_fwp_step"]
 
@@ -64,6 +65,7 @@ def fwp_step(
             raise ValueError(f"fwp_step: `{name}` must be [B, 1, Hs] = {(B, 1, Hs)}; got {tuple(t.shape)}.")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"fwp_step: backend={backend!r} is not one of ('auto', 'torch', 'triton').")
+    check_scale(scale, "fwp_step")
     scale = K**-0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if state.is_cuda and state.dtype == torch.float32 and triton_available() else "torch"

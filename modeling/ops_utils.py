@@ -103,6 +103,13 @@ def check_chunk_size(chunk_size, op: str) -> None:
         raise ValueError(f"{op}: `chunk_size` must be a positive int (e.g. 64); got {chunk_size!r}.")
 
 
+def check_scale(scale, op: str) -> None:
+    """``scale`` is None (the default ``K ** -0.5``) or a positive finite number."""
+    ok = scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf"))
+    if not ok:
+        raise ValueError(f"{op}: `scale` must be None (K ** -0.5) or a positive finite number; got {scale!r}.")
+
+
 def _check_gate(t: torch.Tensor, name: str, shape: tuple[int, int, int], op: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: `{name}` must be a torch.Tensor of shape [B, T, H] = {shape}; got {type(t).__name__}.")

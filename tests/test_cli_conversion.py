@@ -321,6 +321,11 @@ def test_new_user_pass_findings(teacher_dir, tmp_path, capsys, monkeypatch):
     # A bad --keep-softmax is one line for convert as for distill.
     assert main(["convert", teacher, str(tmp_path / "c"), "--keep-softmax", "every:0"]) == 2
     assert "--keep-softmax" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["convert", teacher, str(tmp_path / "c"), "--keep-softmax", "all", "--window", "8"]) == 2
+    assert "with --keep-softmax all there are none" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", teacher, ".", "--overwrite"]) == 2
+    assert "the folder you are in" in capsys.readouterr().err and not list(tmp_path.glob(".*tmp-*"))
     # eval checks its options before loading anything.
     assert main(["eval", teacher, "--teacher", teacher, "--data", str(teacher_dir / "train.txt"), "--prompt", ""]) == 2
     assert "--prompt must not be empty" in capsys.readouterr().err

@@ -167,3 +167,5 @@ def test_inputs_of_the_wrong_rank_or_dtype_are_named():
         fwp_step(x["q"].bfloat16(), x["k"], x["v"], x["initial_state"])
     with pytest.raises(ValueError, match="one floating dtype"):
         fwp_step(x["q"].long(), x["k"].long(), x["v"].long(), x["initial_state"])
+    with pytest.raises(ValueError, match="`scale` must be None"):
+        fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), scale="x")

@@ -43,6 +43,9 @@ def _call(**over):
         (dict(chunk_size=-8), r"`chunk_size` must be a positive int"),
         (dict(chunk_size=16.0), r"`chunk_size` must be a positive int"),
         (dict(initial_state=[[0.0]]), r"`initial_state` must be a torch.Tensor"),
+        (dict(scale="x"), r"`scale` must be None \(K \*\* -0.5\) or a positive finite number; got 'x'"),
+        (dict(scale=0.0), r"`scale` must be None"),
+        (dict(scale=-1.0), r"`scale` must be None"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(over, pattern):
