@@ -16,15 +16,21 @@ def perplexity(model, blocks, *, batch_size: int = 4, progress: bool = False) ->
     ids = blocks["input_ids"] if hasattr(blocks, "column_names") else blocks
     if len(ids) == 0:
         raise ValueError("perplexity needs at least one block of held-out tokens.")
-    device = next(model.parameters()).device
     model.eval()
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(ids), batch_size), desc="perplexity", disable=not progress):
-        x = torch.tensor(ids[i : i + batch_size], device=device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
+        batch_nll, predicted = _score_batch(model, ids[i : i + batch_size])
+        nll += batch_nll
+        count += predicted.numel()
     return math.exp(nll / count)
+
+
+def _score_batch(model, ids) -> tuple[float, torch.Tensor]:
+    """``(summed next-token NLL, greedy next tokens [B, T - 1] on the CPU)`` of ``model`` on a batch of blocks."""
+    x = torch.tensor(ids, device=next(model.parameters()).device)
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+    return nll, logits.argmax(-1).cpu()
 
 
 @torch.no_grad()
@@ -57,11 +63,8 @@ def score_pair(teacher, student, blocks, *, batch_size: int = 4, progress: bool 
     for i in tqdm(range(0, len(ids), batch_size), desc="evaluation", disable=not progress):
         argmax = {}
         for name, model in (("teacher", teacher), ("student", student)):
-            x = torch.tensor(ids[i : i + batch_size], device=next(model.parameters()).device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            nll[name] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(),
-                                                           reduction="sum").item()
-            argmax[name] = logits.argmax(-1).cpu()
+            batch_nll, argmax[name] = _score_batch(model, ids[i : i + batch_size])
+            nll[name] += batch_nll
         same += (argmax["teacher"] == argmax["student"]).sum().item()
         count += argmax["teacher"].numel()
     ppl = {name: math.exp(v / count) for name, v in nll.items()}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from hf_fwp.modeling.modeling_fwp import temporary_folder_beside
 
 
 def check_output_folder(path, *, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
@@ -29,17 +30,12 @@ def atomic_folder(path, *, overwrite: bool = False, flag: str = "overwrite=True"
     worst, never a folder that loads as a broken model). With ``overwrite`` an existing folder is moved aside
     first and deleted only once the new one is in place."""
     path = check_output_folder(path, overwrite=overwrite, flag=flag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temporary_folder_beside(path)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # mkdtemp creates the folder private (0700); the model folder gets the permissions any new folder gets.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
     old = None
     try:
         if path.exists():

@@ -124,6 +124,15 @@ class Recipe:
                     sliding_window=self.sliding_window, **opts)
 
 
+def learned_positions(model) -> int | None:
+    """The length of a model's learned position table (GPT-2 style, or an FWP student converted from one); None
+    when positions are not a table (rotary)."""
+    config = model.config
+    if getattr(config, "position_embedding_type", None) == "learned":
+        return config.max_position_embeddings
+    return getattr(config, "n_positions", None)
+
+
 def _batches(blocks, batch_size: int) -> list[dict]:
     ids = blocks["input_ids"]
     return [{"input_ids": torch.tensor(ids[i : i + batch_size])} for i in range(0, len(ids) - batch_size + 1,
@@ -180,8 +189,8 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         if missing:
             raise ValueError(f"lora_targets {missing} name no module of the student; its linear layers include "
                              f"{sorted(m for m in modules if m.endswith('_proj'))}.")
-        limit = student.config.max_position_embeddings
-        if student.config.position_embedding_type == "learned" and recipe.block_size > limit:
+        limit = learned_positions(student)
+        if limit is not None and recipe.block_size > limit:
             raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
                              "learned position table: use a block size <= that.")
         trainable_fwp_parameters(student)

@@ -133,7 +133,7 @@ def _recipe_from(args):
         return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
                       fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads)
     except RecipeError as e:
-        raise CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
+        raise _flag_error(e) from None
 
 
 def _convert_args(p):
@@ -245,6 +245,11 @@ _FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_windo
           "fwp_state_heads": "--state-heads", "keep_softmax": "--keep-softmax"}
 
 
+def _flag_error(e) -> CLIError:
+    """A :class:`~hf_fwp.conversion.pipeline.RecipeError` as a CLI error naming the flag, not the Recipe field."""
+    return CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}")
+
+
 def _distill_run(args) -> int:
     from dataclasses import replace
 
@@ -257,7 +262,7 @@ def _distill_run(args) -> int:
                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
                          temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps)
     except RecipeError as e:
-        raise CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
+        raise _flag_error(e) from None
     teacher, tokenizer = _load_teacher(args.teacher)
     train, held = _blocks(args, tokenizer)
     try:
@@ -284,15 +289,6 @@ def _eval_args(p):
     p.add_argument("--prompt", action="append", default=None, help="prompt for samples (repeatable)")
 
 
-def _learned_positions(model) -> int | None:
-    """The length of a model's learned position table (GPT-2 style, or an FWP student converted from one); None
-    when positions are not a table (rotary)."""
-    config = model.config
-    if getattr(config, "position_embedding_type", None) == "learned":
-        return config.max_position_embeddings
-    return getattr(config, "n_positions", None)
-
-
 def _resolved(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
@@ -311,6 +307,7 @@ def _held_out_groups(sources: list[str]) -> dict[str, list[str]]:
 
 def _eval_run(args) -> int:
     from hf_fwp.conversion.evaluate import compare, report
+    from hf_fwp.conversion.pipeline import learned_positions
 
     if args.max_blocks < 1:
         raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
@@ -324,7 +321,7 @@ def _eval_run(args) -> int:
     teacher, tokenizer = _load_teacher(args.teacher)
     student, _ = _load_teacher(args.model, role="student")
     for spec, model in ((args.teacher, teacher), (args.model, student)):
-        limit = _learned_positions(model)
+        limit = learned_positions(model)
         if limit is not None and args.block_size > limit:
             raise CLIError(f"--block-size {args.block_size} is longer than the {limit} learned positions of "
                            f"{spec}: use --block-size {limit} or less.")
@@ -349,13 +346,14 @@ def _generate_args(p):
 
 def _generate_run(args) -> int:
     from hf_fwp.conversion.evaluate import generate_samples
+    from hf_fwp.conversion.pipeline import learned_positions
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     if any(not p.strip() for p in args.prompt):
         raise CLIError("--prompt must not be empty: give the text to continue.")
     model, tokenizer = _load_teacher(args.model, role="model")
-    limit = _learned_positions(model)
+    limit = learned_positions(model)
     longest = max(len(tokenizer(p)["input_ids"]) for p in args.prompt) + args.max_new_tokens
     if limit is not None and longest > limit:
         raise CLIError(f"{args.model} has a learned table of {limit} positions, but the longest prompt plus "

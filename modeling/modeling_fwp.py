@@ -22,8 +22,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
 from .layers_conv import ShortConvolution
@@ -32,10 +32,20 @@ from .layers_fwp_attention import FWPAttention
 from .layers_norms import build_norm
 from .layers_rotary import RotaryEmbedding
 from .layers_softmax_attention import SoftmaxAttention, attention_allowed
-
 from .configuration_fwp import HF_FWP_VERSION, FWPConfig
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "code_revision")
+
+
+def temporary_folder_beside(target: Path) -> Path:
+    """A new empty folder ``.<name>.tmp-*`` beside ``target`` (same file system, so it can be renamed into place),
+    with the permissions any new folder gets (``mkdtemp`` makes it private, 0700)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def _saved_code_differs(where: str, hub_kwargs: dict) -> bool:
@@ -197,11 +207,7 @@ class FWPPreTrainedModel(PreTrainedModel):
         target = Path(save_directory)
         if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True) or target.is_file():
             return super().save_pretrained(save_directory, *args, **kwargs)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; a model folder gets the usual permissions
+        tmp = temporary_folder_beside(target)
         try:
             super().save_pretrained(tmp, *args, **kwargs)
             if not target.exists():
