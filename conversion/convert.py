@@ -77,6 +77,10 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     src = model.config
     fields = arch.config_map(src)
     types = plan_layer_types(fields["num_hidden_layers"], source_layer_types(name, src), keep_softmax, fwp_layer_type)
+    if fwp_layer_type == "linear_attention" and sliding_window is not None:
+        raise ValueError(f"convert: sliding_window={sliding_window!r} sets the window of hybrid_sliding layers, and "
+                         "fwp_layer_type='linear_attention' makes none; leave it out, or use "
+                         "fwp_layer_type='hybrid_sliding' (kept softmax layers keep the source's own window).")
     if fwp_layer_type == "hybrid_sliding" and sliding_window is None and "hybrid_sliding" in types:
         raise ValueError("fwp_layer_type='hybrid_sliding' needs sliding_window=<tokens> (e.g. 64).")
     # Kept sliding layers keep the source's window; hybrid layers get their own (FWPConfig.hybrid_window).

@@ -27,6 +27,12 @@ def load_teacher(spec: str, *, dtype=None, role: str = "teacher"):
         raise FileNotFoundError(f"{role} {spec!r} does not exist.")
     if not path.exists():
         check_on_hub(spec, "model")
+    if path.is_dir() and not (path / "config.json").exists() and (path / "recipe.json").exists():
+        model = path / "model"
+        raise ValueError(f"{role} {spec!r} is a distill run folder, not a model: "
+                         + (f"its model is {model}." if (model / "config.json").exists() else
+                            "its run has not finished (no model/ yet); resume it with distill --resume, or load "
+                            f"the attention-transfer student {path / 'stage1'}."))
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{role} {spec!r} is a file but not a .gguf model; pass a model folder, a GGUF file or "

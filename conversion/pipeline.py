@@ -8,6 +8,7 @@ rerun picks up from the last finished stage and the last Trainer checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -32,6 +33,10 @@ class RecipeError(ValueError):
         self.field, self.problem = field_name, problem
 
 
+# The softmax window of hybrid layers when a Recipe names none (LoLCATs' choice, kept by our own measurements).
+DEFAULT_WINDOW = 64
+
+
 @dataclass
 class Recipe:
     """What to build and how long to train it.
@@ -48,7 +53,7 @@ class Recipe:
     feature_map: str = "hedgehog"
     keep_softmax: str | int | list = "none"
     fwp_layer_type: str = "hybrid_sliding"
-    sliding_window: int | None = 64
+    sliding_window: int | None = None  # hybrid_sliding: None means DEFAULT_WINDOW; linear_attention: must be None
     fwp_state_heads: str = "kv"
     fwp_options: dict = field(default_factory=dict)
     block_size: int = 256
@@ -86,6 +91,11 @@ class Recipe:
              "'linear_attention' or 'hybrid_sliding'")
         need(self.sliding_window is None or (count(self.sliding_window) and self.sliding_window >= 1),
              "sliding_window", "None or a positive number of tokens")
+        if self.fwp_layer_type == "hybrid_sliding" and self.sliding_window is None:
+            self.sliding_window = DEFAULT_WINDOW
+        need(self.fwp_layer_type == "hybrid_sliding" or self.sliding_window is None, "sliding_window",
+             "None with fwp_layer_type='linear_attention' (it is the window of hybrid_sliding layers; kept softmax "
+             "layers keep the teacher's own)")
         need(self.fwp_state_heads in ("query", "kv"), "fwp_state_heads", "'query' or 'kv'")
         def keep_spec(keep) -> bool:
             if isinstance(keep, str):
@@ -153,12 +163,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     eval_sets = eval_blocks if isinstance(eval_blocks, dict) else {"held-out": eval_blocks}
     first_eval = next(iter(eval_sets.values()))
 
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a folder: choose a folder path for the run.")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty: resume that run (resume=True, or --resume on the command line), or "
-                         "choose a new folder.")
+    out = check_run_folder(output_dir, resume=resume)
     args = TrainingArguments(
         output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
         per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
@@ -200,6 +205,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     state.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     _check_or_record_recipe(out / "recipe.json", recipe, resume, state.is_main_process)
+    _check_or_record_inputs(out / "inputs.json", teacher, train_blocks, resume, state.is_main_process)
     if resumed_stage1:
         student = FWPForCausalLM.from_pretrained(stage1_dir)
         transfer = json.loads((stage1_dir / "transfer.json").read_text())
@@ -233,12 +239,58 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     return result
 
 
+def check_run_folder(output_dir, *, resume: bool = False, flag: str = "resume=True") -> Path:
+    """Refuse a run folder that cannot be used, before any work: a file, a non-empty folder for a new run, or
+    (``resume``) a folder holding no run. ``flag`` names how the caller's user says "resume" (``--resume`` on the
+    command line). Returns it as a Path."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: choose a folder path for the run.")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: resume that run ({flag}), or choose a new folder.")
+    if resume and not (out / "recipe.json").is_file():
+        raise ValueError(f"nothing to resume in {out}: it holds no run (no recipe.json, which a run writes first); "
+                         f"check the path, or start a new run there without {flag}.")
+    return out
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _check_or_record_inputs(path: Path, teacher, train_blocks, resume: bool, write: bool) -> None:
+    """A new run records which teacher (its weights' fingerprint) and training text (its tokens') it distils; a
+    resumed run must have the same: its checkpoints, stage-1 student and model card are built from them. Runs
+    recorded before this file existed resume without the check."""
+    # Names, shapes, sums and first values tell teachers apart without hashing every weight.
+    weights = [(n, tuple(p.shape), [f"{x:.6g}" for x in [p.detach().float().sum().item(), *p.detach().flatten()[:8]
+                                                          .float().tolist()]]) for n, p in teacher.state_dict().items()]
+    tokens = torch.tensor(train_blocks["input_ids"], dtype=torch.int64) if len(train_blocks) else torch.zeros(0)
+    current = {"teacher": _digest(repr(weights).encode()),
+               "teacher_type": f"{type(teacher).__name__} in {str(teacher.dtype).removeprefix('torch.')}",
+               "training_text": _digest(tokens.numpy().tobytes()), "training_blocks": len(train_blocks)}
+    if resume and path.exists():
+        stored = json.loads(path.read_text())
+        if stored["teacher"] != current["teacher"]:
+            raise ValueError(f"resume: {path.parent} was started with another teacher (recorded: a "
+                             f"{stored['teacher_type']}; given: a {current['teacher_type']} with other weights); resume "
+                             "with the run's teacher in the same dtype, or start a new folder.")
+        if stored["training_text"] != current["training_text"]:
+            raise ValueError(f"resume: {path.parent} was started with other training text ({stored['training_blocks']}"
+                             f" blocks, now {current['training_blocks']}, or other tokens); resume with the same data, "
+                             "tokenizer and block size, or start a new folder.")
+    elif write and not (resume and path.parent.joinpath("stage1").exists()):
+        path.write_text(json.dumps(current, indent=1))
+
+
 def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: bool) -> None:
     """A new run records its recipe; a resumed one must use the same (its checkpoints were built with it)."""
     current = json.loads(json.dumps(asdict(recipe)))
     if resume and path.exists():
         # Runs recorded before Recipe had fwp_state_heads built one state per query head.
         stored = {"fwp_state_heads": "query", **json.loads(path.read_text())}
+        if stored.get("fwp_layer_type") == "linear_attention":
+            stored["sliding_window"] = None  # earlier Recipes carried an unused window for pure FWP layouts
         changed = {k: (stored.get(k), v) for k, v in current.items() if k != "save_steps" and stored.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

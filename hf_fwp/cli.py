@@ -263,7 +263,15 @@ def _distill_run(args) -> int:
                          temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps)
     except RecipeError as e:
         raise _flag_error(e) from None
+    try:
+        pipeline.check_run_folder(args.output, resume=args.resume, flag="--resume")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     teacher, tokenizer = _load_teacher(args.teacher)
+    limit = pipeline.learned_positions(teacher)
+    if limit is not None and args.block_size > limit:
+        raise CLIError(f"--block-size {args.block_size} is longer than the {limit} learned positions of "
+                       f"{args.teacher}: use --block-size {limit} or less.")
     train, held = _blocks(args, tokenizer)
     try:
         result = pipeline.run(teacher, tokenizer, train, held, recipe, args.output, resume=args.resume,

@@ -202,6 +202,9 @@ class FWPConfig(PreTrainedConfig):
                 f"FWPConfig: the {self.fwp_rule!r} rule needs unit-norm keys to stay stable; set qk_l2norm=True, or "
                 "allow_unnormalized_delta=True if your feature map keeps ||k|| <= 1 by construction."
             )
+        if self.allow_neg_eigval and not self.fwp_delta:
+            raise ValueError(f"FWPConfig: allow_neg_eigval widens the delta rules' beta to (0, 2); the "
+                             f"{self.fwp_rule!r} rule has no beta. Set allow_neg_eigval=False or use a delta rule.")
         if self.normalize_attention and self.fwp_rule not in ("linear", "gated_linear"):
             raise ValueError(
                 f"FWPConfig: normalize_attention (the linear-attention denominator) only applies to the 'linear' and "

@@ -6,7 +6,7 @@ import torch
 
 from .ops_delta_rule_reference import chunk_delta_rule, naive_delta_rule
 from .ops_dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
-from .ops_utils import causal_nonfinite, check_chunk_size, check_inputs, check_scale
+from .ops_utils import causal_nonfinite, check_chunk_size, check_gate_values, check_inputs, check_scale
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
 
@@ -31,7 +31,9 @@ def delta_rule(
         q, k: ``[B, T, H, K]`` (k is usually L2-normalised: the op does not normalise); v: ``[B, T, H, V]``.
         beta: writing strength ``[B, T, H]``, in (0, 1), or (0, 2) to allow negative eigenvalues.
         g: optional per-head log-decay ``[B, T, H]`` (entries <= 0; -inf, a hard reset, and anything below
-            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay.
+            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay. The torch backends
+            refuse g > 0 and beta outside [0, 2] with a ValueError; the Triton backend does not read values to check them (that would
+            sync the GPU once per call). NaN inputs give NaN from their token on, as the recurrence does.
         scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size: as in
             :func:`hf_fwp.ops.linear_attention`.
 
@@ -51,6 +53,8 @@ def delta_rule(
     wide = q.shape[-1] > TRITON_DELTA_MAX_K and q.shape[1] > TRITON_FUSED_MAX_LEN
     if requested == "auto" and backend == "triton" and wide:
         backend = "chunk"  # the chunked Triton kernels hold at most 256 key columns per program
+    if backend in ("naive", "chunk"):
+        check_gate_values(beta, g, "delta_rule")
     if backend == "naive":
         return naive_delta_rule(q, k, v, beta, **kwargs)
     if backend == "chunk":

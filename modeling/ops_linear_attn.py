@@ -6,7 +6,7 @@ import torch
 
 from .ops_dispatch import floor_gate, resolve_backend
 from .ops_linear_attn_reference import chunk_linear_attention, naive_linear_attention
-from .ops_utils import causal_nonfinite, check_chunk_size, check_inputs, check_scale
+from .ops_utils import causal_nonfinite, check_chunk_size, check_gate_values, check_inputs, check_scale
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -29,7 +29,9 @@ def linear_attention(
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         g: optional per-head log-decay ``[B, T, H]`` (entries <= 0; -inf, a hard reset, and anything below
-            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay.
+            ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay. The torch backends
+            refuse g > 0 with a ValueError; the Triton backend does not read values to check them (that would
+            sync the GPU once per call). NaN inputs give NaN from their token on, as the recurrence does.
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``).
         output_final_state: also return the state after the last token.
@@ -47,6 +49,8 @@ def linear_attention(
     kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     backend = resolve_backend(backend, q, "linear_attention")
+    if backend in ("naive", "chunk"):
+        check_gate_values(None, g, "linear_attention")
     if backend == "naive":
         return naive_linear_attention(q, k, v, **kwargs)
     if backend == "chunk":

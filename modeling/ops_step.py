@@ -34,7 +34,10 @@ def fwp_step(
         q: ``[B, 1, H, K]``; k: ``[B, 1, Hs, K]``; v: ``[B, 1, Hs, V]``; beta, g: ``[B, 1, Hs]`` or None (g <= 0 is
             a log-decay). ``Hs`` state heads, usually ``H``; with ``H = G * Hs`` the G query heads ``j*G ..
             j*G+G-1`` read state ``j`` (states shared like grouped-query attention shares keys and values).
-        state: ``[B, Hs, K, V]`` contiguous float32, **updated in place** (e.g. a cache layer's fixed buffer).
+        state: ``[B, Hs, K, V]`` contiguous float32 (float64 is accepted for reference checks; the Triton kernel
+            takes float32 only), **updated in place** (e.g. a cache layer's fixed buffer), so it must not require
+            grad. Values are not checked (a per-token check would cost a sync): g > 0 or beta outside [0, 2]
+            give what the recurrence gives, as NaN inputs do.
         scale: query scale, default ``K ** -0.5``.
         qk_l2norm: L2-normalise q and k inside the step (fused into the Triton kernel).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors when it imports).
@@ -60,6 +63,9 @@ def fwp_step(
             f"fwp_step: `state` must be a contiguous float32 [B, Hs, K, V] = {(B, Hs, K, v.shape[-1])} tensor (it is "
             f"updated in place); got shape {tuple(state.shape)}, dtype {state.dtype}, contiguous={state.is_contiguous()}."
         )
+    if state.requires_grad:
+        raise ValueError("fwp_step: `state` requires grad, but it is updated in place; pass a state that does not "
+                         "(e.g. state.detach()), and use linear_attention / delta_rule to train through a sequence.")
     for name, t in (("beta", beta), ("g", g)):
         if t is not None and tuple(t.shape) != (B, 1, Hs):
             raise ValueError(f"fwp_step: `{name}` must be [B, 1, Hs] = {(B, 1, Hs)}; got {tuple(t.shape)}.")

@@ -98,6 +98,22 @@ def check_inputs(
         )
 
 
+def check_gate_values(beta: torch.Tensor | None, g: torch.Tensor | None, op: str) -> None:
+    """Refuse ``g > 0`` (a growing state, not a decay) and ``beta`` outside [0, 2]. One host sync, so the torch
+    backends call it (they read every value anyway) and the Triton one does not; NaN passes (it propagates
+    causally, as in the recurrence) and so does the skip inside ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return
+    bad_g = g is not None and bool((g > 0).any())
+    bad_beta = beta is not None and bool(((beta < 0) | (beta > 2)).any())
+    if bad_g:
+        raise ValueError(f"{op}: `g` is a log-decay and must be <= 0 (exp(g) in [0, 1]); got a maximum of "
+                         f"{g.max().item():.4g}. Pass a log-sigmoid or -softplus of your gate logits.")
+    if bad_beta:
+        raise ValueError(f"{op}: `beta` must lie in [0, 1] ([0, 2] with negative eigenvalues); got values from "
+                         f"{beta.min().item():.4g} to {beta.max().item():.4g}. Pass sigmoid(logits) (or 2 * it).")
+
+
 def check_chunk_size(chunk_size, op: str) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{op}: `chunk_size` must be a positive int (e.g. 64); got {chunk_size!r}.")

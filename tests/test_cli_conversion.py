@@ -123,6 +123,16 @@ def test_distill_eval_push(teacher_dir, capsys):
     assert "checkpoint" not in listing
     assert main(["push", str(run), "me/x", "--dry-run"]) == 2
     assert "not a saved model folder" in capsys.readouterr().err
+    # A run folder where a model is expected names the model inside it.
+    assert main(["eval", str(run), "--teacher", str(teacher_dir / "teacher"), "--data",
+                 str(teacher_dir / "train.txt"), "--block-size", "16"]) == 2
+    assert f"is a distill run folder, not a model: its model is {run / 'model'}" in capsys.readouterr().err
+    # The run folder is checked before the teacher loads (the teacher here does not exist).
+    assert main(["distill", "no-such-teacher", str(run), "--data", str(teacher_dir / "train.txt")]) == 2
+    assert "not empty: resume that run (--resume)" in capsys.readouterr().err
+    assert main(["distill", "no-such-teacher", str(teacher_dir / "typo"), "--data", str(teacher_dir / "train.txt"),
+                 "--resume"]) == 2
+    assert "nothing to resume in" in capsys.readouterr().err and not (teacher_dir / "typo").exists()
     assert main(["distill", str(teacher_dir / "teacher"), str(teacher_dir / "r2"), "--data", "nofile.txt"]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -156,6 +166,10 @@ def test_recipe_validates_its_fields():
         with pytest.raises(RecipeError, match=next(iter(bad))):
             Recipe(**bad)
     Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")
+    # The window belongs to hybrid layers: defaulted for them, refused for a pure FWP layout.
+    assert Recipe().sliding_window == 64 and Recipe(fwp_layer_type="linear_attention").sliding_window is None
+    with pytest.raises(RecipeError, match="sliding_window must be None with fwp_layer_type='linear_attention'"):
+        Recipe(fwp_layer_type="linear_attention", sliding_window=32)
 
 
 def test_bad_data_is_a_one_line_error_and_writes_nothing(teacher_dir, tmp_path, capsys):
@@ -230,7 +244,7 @@ def test_learned_positions_bound_the_block_size_before_any_work(tmp_path, capsys
     run = tmp_path / "run"
     assert main(["distill", str(tmp_path / "gpt2"), str(run), "--data", str(tmp_path / "train.txt"),
                  "--block-size", "32"]) == 2
-    assert "longer than the 16 positions" in capsys.readouterr().err and not run.exists()
+    assert "longer than the 16 learned positions" in capsys.readouterr().err and not run.exists()
     # eval and generate check the same bound (and a converted student's learned table) before running.
     gpt2 = str(tmp_path / "gpt2")
     assert main(["convert", gpt2, str(tmp_path / "student")]) == 0

@@ -114,7 +114,8 @@ def test_keep_softmax_in_command_line_spelling_is_explained(keep):
 def test_a_hybrid_window_never_changes_the_kept_sliding_layers():
     src = _randomize(_sources()["mistral"]())  # window 5
     ids = torch.randint(0, 96, (1, 12))
-    exact = convert(src, keep_softmax="all", sliding_window=16)  # no hybrid layers: the window is not used
+    # No hybrid layers: the window is not used.
+    exact = convert(src, keep_softmax="all", fwp_layer_type="hybrid_sliding", sliding_window=16)
     with torch.no_grad():
         torch.testing.assert_close(exact(ids).logits, src(ids).logits, atol=1e-5, rtol=1e-4)
     mixed = convert(src, keep_softmax=[0], fwp_layer_type="hybrid_sliding", sliding_window=16)
@@ -126,3 +127,6 @@ def test_a_hybrid_window_never_changes_the_kept_sliding_layers():
     with torch.no_grad():
         mixed(ids), src(ids)
     torch.testing.assert_close(outs["fwp"], outs["src"], atol=1e-5, rtol=1e-4)
+    # A window for a layout without hybrid layers is a mistake, not something to ignore.
+    with pytest.raises(ValueError, match="sliding_window=8 sets the window of hybrid_sliding layers"):
+        convert(src, fwp_layer_type="linear_attention", sliding_window=8)

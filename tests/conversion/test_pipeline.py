@@ -1,5 +1,6 @@
 """The end-to-end recipe on a tiny teacher: output folder, model card, reload, and resuming an interrupted run."""
 
+import copy
 import json
 
 import pytest
@@ -82,6 +83,19 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different recipe .*feature_map: 'hedgehog' -> 't2r'"):
         pipeline.run(teacher, tok, train, held_out, replace(recipe, feature_map="t2r"), tmp_path / "run",
                      resume=True, progress=False)
+    # ... and so would resuming with another teacher or other training text.
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="started with another teacher"):
+        pipeline.run(other, tok, train, held_out, recipe, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ValueError, match="started with other training text"):
+        pipeline.run(teacher, tok, train.select(range(len(train) - 4)), held_out, recipe, tmp_path / "run",
+                     resume=True, progress=False)
+    # Resuming a folder that holds no run is a mistyped path, not a new run.
+    with pytest.raises(ValueError, match="nothing to resume in"):
+        pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "typo", resume=True, progress=False)
+    assert not (tmp_path / "typo").exists()
     # A newer checkpoint cut short while saving (no FWP weights beside the adapters) must not be resumed from.
     import shutil
 

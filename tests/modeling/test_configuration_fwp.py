@@ -24,6 +24,8 @@ from hf_fwp import FWPConfig
         (dict(position_embedding_type="alibi"), "unknown position_embedding_type"),
         (dict(hidden_size=0), "`hidden_size` must be a positive integer"),
         (dict(fwp_state_heads="value"), "unknown fwp_state_heads 'value'"),
+        (dict(fwp_rule="linear", allow_neg_eigval=True), "allow_neg_eigval widens the delta rules' beta"),
+        (dict(fwp_rule="gated_linear", allow_neg_eigval=True), "the 'gated_linear' rule has no beta"),
         (dict(fwp_state_heads="kv", share_feature_map=True, num_attention_heads=8, num_key_value_heads=2),
          "share_feature_map=True needs as many key as query"),
     ],

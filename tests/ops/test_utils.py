@@ -53,6 +53,26 @@ def test_bad_inputs_raise_clear_errors(over, pattern):
         _call(**over)
 
 
+@pytest.mark.parametrize("backend", ["naive", "chunk"])
+def test_gate_values_outside_their_range_are_refused_by_the_torch_backends(backend):
+    x = _ok()
+    g, beta = x["g"].clone(), x["beta"].clone()
+    g[0, 2, 1] = 0.5  # a growing state, not a decay
+    with pytest.raises(ValueError, match="`g` is a log-decay and must be <= 0.*maximum of 0.5"):
+        _call(g=g, backend=backend)
+    with pytest.raises(ValueError, match="linear_attention: `g` is a log-decay"):
+        linear_attention(x["q"], x["k"], x["v"], g=g, backend=backend)
+    for bad in (-0.1, 2.5):
+        beta[1, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"`beta` must lie in \[0, 1\]"):
+            _call(beta=beta, backend=backend)
+    # The edges are allowed: g = 0 (no decay), g = -inf (a hard reset), beta in [0, 2] (negative eigenvalues).
+    g[0, 2, 1], g[1, 3, 0] = 0.0, float("-inf")
+    beta[1, 0, 0], beta[0, 0, 0] = 2.0, 0.0
+    o, _ = _call(g=g, beta=beta, backend=backend)
+    assert torch.isfinite(o).all()
+
+
 def test_device_mismatch_is_reported():
     meta = torch.randn(B, T, H, V, device="meta")
     with pytest.raises(ValueError, match="one device"):
