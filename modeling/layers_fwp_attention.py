@@ -125,11 +125,12 @@ class FWPAttention(QKVProjections):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        mods = self._modules  # membership here costs far less than hasattr, which raises for a missing module
         pad = None if attention_mask is None else attention_mask[:, -T:].to(x.dtype)
         q, k, v = self.project(x)
         S0, conv0 = read_fwp_state(cache, self.layer_idx)
         conv_state = None
-        if hasattr(self, "conv"):
+        if "conv" in mods:
             qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
             if pad is not None:
                 qkv = qkv * pad[..., None]
@@ -148,12 +149,12 @@ class FWPAttention(QKVProjections):
         if self.config.qk_l2norm and not step:
             fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
         beta = g = None
-        if hasattr(self, "b_proj"):
+        if "b_proj" in mods:
             beta = torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.config.allow_neg_eigval else 1.0)
-        if hasattr(self, "a_proj"):
+        if "a_proj" in mods:
             g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         if self.config.normalize_attention:
-            fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)
+            fv = F.pad(fv, (0, 1), value=1.0)  # the denominator's column of ones
         if pad is not None:
             fk, fv = fk * pad[..., None, None], fv * pad[..., None, None]
             beta = None if beta is None else beta * pad[..., None]
@@ -181,12 +182,12 @@ class FWPAttention(QKVProjections):
                 S = S[:, ::G].contiguous()
         if self.config.normalize_attention:
             o = o[..., :D] / o[..., D:].clamp_min(1e-6)
-        if hasattr(self, "o_norm"):
-            gate = self.g_proj(x).view(B, T, H, D) if hasattr(self, "g_proj") else None
+        if "o_norm" in mods:
+            gate = self.g_proj(x).view(B, T, H, D) if "g_proj" in mods else None
             o = self.o_norm(o, gate)
         if cache is not None:
             write_fwp_state(cache, self.layer_idx, S, conv_state)
-        if hasattr(self, "softmax"):
+        if "softmax" in mods:
             o_soft = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
                                   key_mask=attention_mask, mask=mask)
             o = torch.lerp(o_soft, o, torch.sigmoid(self.mix_logit).to(o.dtype)[:, None])  # (1 - lam) soft + lam fwp
