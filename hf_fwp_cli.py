@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, help_ in COMMAND_HELP.items():
             sub.add_parser(name, help=help_)
         parser.parse_args(argv)  # --help / --version print and exit here
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)  # no command: a usage error, as argparse reports one (status 2)
+        print("hf-fwp: error: give a command (see hf-fwp --help)", file=sys.stderr)
+        return 2
     from hf_fwp.cli import main as run
 
     return run(argv)

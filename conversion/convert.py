@@ -47,6 +47,8 @@ def plan_layer_types(num_layers: int, source_types: list[str], keep_softmax="non
         keep = set(range(keep_softmax - 1, num_layers, keep_softmax))
     else:
         keep = set(keep_softmax)
+        if len(keep) != len(list(keep_softmax)):
+            raise ValueError(f"keep_softmax lists a layer twice: {list(keep_softmax)}; name each layer once.")
         bad = sorted(i for i in keep if not isinstance(i, int) or not 0 <= i < num_layers)
         if bad:
             raise ValueError(f"keep_softmax indices {bad} are not layers of this {num_layers}-layer model.")

@@ -13,8 +13,9 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", "
 def load_text(source: str | Path | list, *, split: str = "train", text_column: str = "text") -> Dataset:
     """Load raw text rows.
 
-    ``source``: one or more local files (``.txt``/``.md``: one row per line; ``.jsonl``/``.json``/``.parquet``:
-    rows with a ``text_column``) or a Hub dataset name (needs network).
+    ``source``: one or more local files (``.txt``/``.md``: one row per paragraph, i.e. split at blank lines, with
+    the line breaks inside a paragraph kept; ``.jsonl``/``.json``/``.parquet``: rows with a ``text_column``) or a
+    Hub dataset name (needs network).
     """
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     paths = [Path(s) for s in sources]
@@ -27,7 +28,10 @@ def load_text(source: str | Path | list, *, split: str = "train", text_column: s
         if empty:
             raise ValueError(f"Data file(s) {empty} are empty: nothing to train or evaluate on.")
         try:
-            ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+            kind = kinds.pop()
+            # Paragraphs, not lines: pack() puts EOS between rows, which must not land inside a sentence.
+            ds = load_dataset(kind, data_files=[str(p) for p in paths], split="train",
+                              **({"sample_by": "paragraph"} if kind == "text" else {}))
         except Exception as e:  # datasets wraps parse errors (bad JSON lines, ...) in its own exception types
             cause = e.__cause__ or e
             raise ValueError(f"Cannot read {[str(p) for p in paths]} as {_BUILDERS[paths[0].suffix.lower()]} data: "
@@ -67,7 +71,14 @@ def pack(ds: Dataset, tokenizer, block_size: int, *, text_column: str = "text", 
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks],
                 "labels": [list(b) for b in blocks]}
 
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b[text_column]], batched=True, num_proc=num_proc)
+    def has_text(batch):
+        bad = [t for t in batch[text_column] if t is not None and not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"The column {text_column!r} holds {type(bad[0]).__name__} values such as {bad[0]!r}, "
+                             "not text: every row needs a string (or pass text_column=... / --text-column).")
+        return [bool(t and t.strip()) for t in batch[text_column]]
+
+    ds = ds.filter(has_text, batched=True, num_proc=num_proc)
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
     blocks = ds.map(group, batched=True, remove_columns=["ids"], num_proc=num_proc, desc="packing")
     if len(blocks) == 0:

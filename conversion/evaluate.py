@@ -67,6 +67,10 @@ def score_pair(teacher, student, blocks, *, batch_size: int = 4, progress: bool 
             nll[name] += batch_nll
         same += (argmax["teacher"] == argmax["student"]).sum().item()
         count += argmax["teacher"].numel()
+    broken = [name for name, v in nll.items() if not math.isfinite(v)]
+    if broken:  # an agreement of NaN argmaxes (all 0) would read as perfect
+        raise ValueError(f"the {' and the '.join(broken)}'s logits are NaN or inf on held-out text: the model is "
+                         "broken (non-finite weights or activations), so it cannot be scored.")
     ppl = {name: math.exp(v / count) for name, v in nll.items()}
     return {**ppl, "ratio": ppl["student"] / ppl["teacher"], "agreement": same / count}
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +108,8 @@ class Recipe:
 
         need(keep_spec(self.keep_softmax), "keep_softmax",
              "'all', 'none', an int k >= 1 (every k-th layer) or a list of layer indices")
+        need(not isinstance(self.keep_softmax, (list, tuple)) or len(set(self.keep_softmax)) == len(self.keep_softmax),
+             "keep_softmax", "a list naming each layer once")
         for name in ("batch_size", "stage2_steps", "grad_accum", "lora_rank", "save_steps"):
             need(count(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(count(self.block_size) and self.block_size >= 2, "block_size", "an integer >= 2 (tokens per block)")
@@ -123,6 +127,12 @@ class Recipe:
                                               "fwp_layer_type", "sliding_window"})
         need(not own, "fwp_options", f"other FWPConfig fields than Recipe's own ({', '.join(own)}: set those as "
              "Recipe fields)")
+        if (self.fwp_layer_type == "hybrid_sliding" and self.sliding_window is not None
+                and self.sliding_window >= self.block_size):
+            warnings.warn(f"Recipe: sliding_window {self.sliding_window} >= block_size {self.block_size}: the softmax "
+                          "window covers every training block, so distillation never needs the FWP branch (it learns "
+                          "nothing about contexts beyond the window). Use a block_size several times the window.",
+                          stacklevel=3)
 
     def convert_options(self) -> dict:
         opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, fwp_state_heads=self.fwp_state_heads,
@@ -150,18 +160,16 @@ def _batches(blocks, batch_size: int) -> list[dict]:
 
 
 def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_dir, *, resume: bool = False,
-        prompts: list[str] | None = None, base_model: str = "unknown", license: str | None = None,
+        prompts: list[str] | None = None, base_model: str | None = None, license: str | dict | None = None,
         progress: bool = True) -> dict:
     """Run the recipe end to end; returns the evaluation dict (see :func:`hf_fwp.conversion.evaluate.compare`)
     with ``minutes`` and ``tokens_seen`` added. ``eval_blocks``: held-out blocks, or ``{name: blocks}`` for several
     held-out sets (each reported, and their mean). The final model is in ``output_dir / "model"``; its card names
     ``base_model`` and, when given, the teacher's ``license`` (see :func:`hf_fwp.conversion.hub.teacher_license`)."""
-    from hf_fwp.modeling import FWPForCausalLM
-
     from accelerate import PartialState
 
     eval_sets = eval_blocks if isinstance(eval_blocks, dict) else {"held-out": eval_blocks}
-    first_eval = next(iter(eval_sets.values()))
+    _check_run_inputs(train_blocks, eval_sets, prompts)
 
     out = check_run_folder(output_dir, resume=resume)
     args = TrainingArguments(
@@ -180,6 +188,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     teacher.eval()
     stage1_dir = out / "stage1"
     resumed_stage1 = resume and (stage1_dir / "config.json").exists()
+    student = batches = None
     if not resumed_stage1:
         # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
         for name, blocks in {"training": train_blocks, **{f"held-out {k!r}": v for k, v in eval_sets.items()}}.items():
@@ -206,6 +215,30 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     out.mkdir(parents=True, exist_ok=True)
     _check_or_record_recipe(out / "recipe.json", recipe, resume, state.is_main_process)
     _check_or_record_inputs(out / "inputs.json", teacher, train_blocks, resume, state.is_main_process)
+    clock = out / "minutes.json"  # wall time of earlier sessions of this run (an interrupted run resumes)
+    earlier = json.loads(clock.read_text())["minutes"] if resume and clock.exists() else 0.0
+    try:
+        return _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, state, resume,
+                       resumed_stage1, student, batches, prompts, base_model, license, progress, lambda: earlier + (time.perf_counter() - start) / 60)
+    finally:
+        if state.is_main_process and out.exists():
+            clock.write_text(json.dumps({"minutes": earlier + (time.perf_counter() - start) / 60}))
+
+
+def _finite_or_raise(model, what: str) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{what} diverged: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); nothing was saved from it. Lower its learning rate.")
+
+
+def _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, state, resume, resumed_stage1, student,
+            batches, prompts, base_model, license, progress, minutes) -> dict:
+    """Stage 1 (unless resumed), stage 2, merge, evaluation and the final folder (see :func:`run`)."""
+    from hf_fwp.modeling import FWPForCausalLM
+
+    stage1_dir = out / "stage1"
+    first_eval = next(iter(eval_sets.values()))
     if resumed_stage1:
         student = FWPForCausalLM.from_pretrained(stage1_dir)
         transfer = json.loads((stage1_dir / "transfer.json").read_text())
@@ -214,10 +247,12 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
                                     eval_batches=_batches(first_eval, recipe.batch_size)[:2] or batches[:1],
                                     progress=progress)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
+        _finite_or_raise(student, f"stage 1 (attention transfer, lr {recipe.stage1_lr})")
         if state.is_main_process:
             stage1_dir.mkdir(exist_ok=True)
             result.plot(stage1_dir / "transfer.png")
             (stage1_dir / "transfer.json").write_text(json.dumps(transfer, indent=1))
+            tokenizer.save_pretrained(stage1_dir)  # a loadable model folder, as model/ is
             student.save_pretrained(stage1_dir)  # written last: a folder with config.json is a finished stage
         state.wait_for_everyone()
     model = add_lora(student, targets=recipe.lora_targets, rank=recipe.lora_rank, alpha=2 * recipe.lora_rank,
@@ -227,16 +262,37 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     last = last_complete_checkpoint(args.output_dir, needs_extra=bool(trainer._extra_trainable())) if resume else None
     trainer.train(resume_from_checkpoint=last)
     student = model.merge_and_unload().eval()
+    _finite_or_raise(student, f"stage 2 (LoRA distillation, lr {recipe.stage2_lr}; its checkpoints are in "
+                              f"{args.output_dir})")
     tokens_seen = (recipe.stage1_steps + recipe.stage2_steps * recipe.grad_accum * state.num_processes) * (
         recipe.batch_size * recipe.block_size)
     prompts = prompts or ["The meaning of life is", "Once upon a time"]
     result = compare(teacher, student, tokenizer, eval_sets, prompts)
-    result.update(minutes=(time.perf_counter() - start) / 60, tokens_seen=tokens_seen, transfer=transfer,
+    result.update(minutes=minutes(), tokens_seen=tokens_seen, transfer=transfer,
                   recipe=asdict(recipe))
     if state.is_main_process:
         save_final(student, tokenizer, out / "model", result, base_model, license)
     state.wait_for_everyone()
     return result
+
+
+def _check_run_inputs(train_blocks, eval_sets: dict, prompts) -> None:
+    """What run() is given, checked before any work (a mistake found after training would cost its minutes)."""
+    from datasets import Dataset
+
+    if not isinstance(train_blocks, Dataset) or "input_ids" not in train_blocks.column_names:
+        raise ValueError(f"train_blocks must be a datasets.Dataset of packed blocks (input_ids), e.g. from "
+                         f"hf_fwp.conversion.data.pack; got {type(train_blocks).__name__}.")
+    if not eval_sets:
+        raise ValueError("eval_blocks is empty: give held-out blocks, or {name: blocks} with at least one set.")
+    for name, blocks in eval_sets.items():
+        if not isinstance(blocks, Dataset) or "input_ids" not in blocks.column_names or len(blocks) == 0:
+            rows = len(blocks) if hasattr(blocks, "__len__") else "?"
+            raise ValueError(f"held-out set {name!r} must be a non-empty datasets.Dataset of packed blocks "
+                             f"(input_ids); got a {type(blocks).__name__} with {rows} rows.")
+    if prompts is not None and (isinstance(prompts, str)
+                                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"prompts must be a list of non-empty strings; got {prompts!r}.")
 
 
 def check_run_folder(output_dir, *, resume: bool = False, flag: str = "resume=True") -> Path:
@@ -248,6 +304,9 @@ def check_run_folder(output_dir, *, resume: bool = False, flag: str = "resume=Tr
         raise ValueError(f"{out} is a file, not a folder: choose a folder path for the run.")
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: resume that run ({flag}), or choose a new folder.")
+    if resume and (out / "model" / "config.json").is_file():
+        raise ValueError(f"the run in {out} has finished: its model is {out / 'model'}; nothing to resume (evaluate "
+                         "it again with hf_fwp.conversion.evaluate.compare or hf-fwp eval).")
     if resume and not (out / "recipe.json").is_file():
         raise ValueError(f"nothing to resume in {out}: it holds no run (no recipe.json, which a run writes first); "
                          f"check the path, or start a new run there without {flag}.")
@@ -258,6 +317,10 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+# Bumped whenever the fingerprints below change: an old run then resumes with a warning, not a false refusal.
+_INPUTS_FORMAT = 1
+
+
 def _check_or_record_inputs(path: Path, teacher, train_blocks, resume: bool, write: bool) -> None:
     """A new run records which teacher (its weights' fingerprint) and training text (its tokens') it distils; a
     resumed run must have the same: its checkpoints, stage-1 student and model card are built from them. Runs
@@ -266,11 +329,16 @@ def _check_or_record_inputs(path: Path, teacher, train_blocks, resume: bool, wri
     weights = [(n, tuple(p.shape), [f"{x:.6g}" for x in [p.detach().float().sum().item(), *p.detach().flatten()[:8]
                                                           .float().tolist()]]) for n, p in teacher.state_dict().items()]
     tokens = torch.tensor(train_blocks["input_ids"], dtype=torch.int64) if len(train_blocks) else torch.zeros(0)
-    current = {"teacher": _digest(repr(weights).encode()),
+    current = {"format": _INPUTS_FORMAT, "teacher": _digest(repr(weights).encode()),
                "teacher_type": f"{type(teacher).__name__} in {str(teacher.dtype).removeprefix('torch.')}",
                "training_text": _digest(tokens.numpy().tobytes()), "training_blocks": len(train_blocks)}
     if resume and path.exists():
         stored = json.loads(path.read_text())
+        if stored.get("format") != _INPUTS_FORMAT:
+            warnings.warn(f"{path} was written by another version of hf-fwp (fingerprint format "
+                          f"{stored.get('format')}, now {_INPUTS_FORMAT}): the teacher and training text are not "
+                          "checked on this resume.")
+            return
         if stored["teacher"] != current["teacher"]:
             raise ValueError(f"resume: {path.parent} was started with another teacher (recorded: a "
                              f"{stored['teacher_type']}; given: a {current['teacher_type']} with other weights); resume "
@@ -300,7 +368,8 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
         path.write_text(json.dumps(current, indent=1))
 
 
-def save_final(student, tokenizer, folder, result: dict, base_model: str, license: str | None = None) -> None:
+def save_final(student, tokenizer, folder, result: dict, base_model: str | None,
+               license: str | dict | None = None) -> None:
     """``save_pretrained`` (safetensors, config with auto_map, modeling code, generation config), the tokenizer,
     ``results.json`` and a model card, written to a temporary folder that then replaces ``folder`` in one rename
     (an interrupted save never leaves a folder that loads as a broken model)."""
@@ -325,24 +394,29 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def model_card(result: dict, base_model: str, config, license: str | None = None) -> str:
+def model_card(result: dict, base_model: str | None, config, license: str | dict | None = None) -> str:
     """The card (the Hub's format: YAML metadata, then markdown) describes the saved model's own config (layout,
-    rule, feature map), the recipe its training; ``license`` is the teacher's, which the student inherits."""
+    rule, feature map), the recipe its training; ``license`` is the teacher's, which the student inherits (an id,
+    or :func:`hf_fwp.conversion.hub.teacher_license`'s dict with ``license_name`` / ``license_link``)."""
+    from huggingface_hub import ModelCardData
+
     recipe = result["recipe"]
     layout = ", ".join(f"{n} x `{t}`" for t, n in Counter(config.layer_types).items())
     window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
     window = f", window {window}" if window else ""
-    # The Hub accepts only repository ids as base_model; a local teacher path is named in the text only.
-    meta = "".join([f"base_model: {base_model}\n" if _is_hub_id(base_model) else "",
-                    f"license: {license}\n" if license else ""])
+    terms = license if isinstance(license, dict) else {"license": license}
+    # Only single-token licence ids and Hub repository ids are metadata (a local teacher path is named in the text).
+    terms = {k: v for k, v in terms.items() if isinstance(v, str) and re.fullmatch(r"[^\s]+", v)}
+    meta = ModelCardData(base_model=base_model if base_model and _is_hub_id(base_model) else None, **terms,
+                         library_name="transformers", pipeline_tag="text-generation",
+                         tags=["fwp", "hf-fwp", "fast-weight-programmer", "linear-attention", config.fwp_rule])
+    named = f"`{' '.join(str(base_model).split())}`" if base_model else "a softmax transformer"
     return f"""---
-{meta}library_name: transformers
-pipeline_tag: text-generation
-tags: [fwp, hf-fwp, fast-weight-programmer, linear-attention, {config.fwp_rule}]
+{meta.to_yaml()}
 ---
-# {config.fwp_rule} student of {base_model}
+# {config.fwp_rule} student of {named.strip('`')}
 
-A fast weight programmer (FWP) linearised from `{base_model}` with [hf-fwp](https://pypi.org/project/hf-fwp/):
+A fast weight programmer (FWP) linearised from {named} with [hf-fwp](https://pypi.org/project/hf-fwp/):
 softmax attention replaced by the `{config.fwp_rule}` rule (feature map `{config.feature_map}`; layers: {layout}{window}),
 then distilled back towards the original.
 

@@ -104,11 +104,11 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
                    "(a smaller decode cache for grouped-query teachers) (default: %(default)s)")
 
 
-def _load_teacher(spec: str, role: str = "teacher"):
+def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
     from hf_fwp.conversion.hub import load_teacher
 
     try:
-        return load_teacher(spec, role=role)
+        return load_teacher(spec, role=role, tokenizer=tokenizer)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(" ".join(str(e).split())) from None  # the whole message, on one line
 
@@ -151,6 +151,9 @@ def _convert_run(args) -> int:
     if args.overwrite and Path.cwd().resolve().is_relative_to(Path(args.output).resolve()):
         raise CLIError(f"{args.output} is the folder you are in (or holds it): it cannot be replaced; run from "
                        "elsewhere or choose another OUTPUT.")
+    if Path(args.teacher).exists() and Path(args.teacher).resolve().is_relative_to(Path(args.output).resolve()):
+        raise CLIError(f"{args.output} is the teacher's folder (or holds it): converting into it would replace the "
+                       "model being read; choose another OUTPUT.")
     try:  # before loading anything: a refused OUTPUT costs nothing
         check_output_folder(args.output, overwrite=args.overwrite, flag="--overwrite")
     except ValueError as e:
@@ -327,7 +330,13 @@ def _eval_run(args) -> int:
     if not sources and not args.offline_sets:
         raise CLIError("give held-out text with --data FILE [FILE ...] (each file is one set), or --offline-sets.")
     teacher, tokenizer = _load_teacher(args.teacher)
-    student, _ = _load_teacher(args.model, role="student")
+    student, _ = _load_teacher(args.model, role="student", tokenizer=False)  # scored on the teacher's tokens
+    sizes = {spec: model.get_input_embeddings().num_embeddings for spec, model in ((args.teacher, teacher),
+                                                                                    (args.model, student))}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{k}: {v} tokens" for k, v in sizes.items())
+        raise CLIError(f"the student and the teacher have different vocabularies ({listed}): compare a student "
+                       "with the teacher it was converted from.")
     for spec, model in ((args.teacher, teacher), (args.model, student)):
         limit = learned_positions(model)
         if limit is not None and args.block_size > limit:
@@ -341,7 +350,10 @@ def _eval_run(args) -> int:
         for kind, text in offline_corpus()[1].items():
             sets[f"offline: {kind}"] = pack(text, tokenizer, args.block_size)
     sets = {name: blocks.select(range(min(len(blocks), args.max_blocks))) for name, blocks in sets.items()}
-    print(report(compare(teacher, student, tokenizer, sets, args.prompt or ["The meaning of life is"])))
+    try:
+        print(report(compare(teacher, student, tokenizer, sets, args.prompt or ["The meaning of life is"])))
+    except ValueError as e:  # a model whose logits are not finite
+        raise CLIError(str(e)) from None
     return 0
 
 
@@ -423,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("hf-fwp: error: give a command (see hf-fwp --help)", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except CLIError as e:

@@ -10,6 +10,7 @@ right cache layer for each. The backbone fields cover what converted models need
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 
 from huggingface_hub.dataclasses import strict
@@ -136,6 +137,8 @@ class FWPConfig(PreTrainedConfig):
             # `config.sliding_window` stays readable: it is the window of sliding_attention layers.
             self.allow_global_per_layer_attribute_access = True
         super().__post_init__(**kwargs)
+        if self.position_embedding_type == "rope":
+            self._check_rope()
 
     # Validation -------------------------------------------------------------------------------------------------
     def check_fwp_fields(self):
@@ -192,9 +195,12 @@ class FWPConfig(PreTrainedConfig):
             windowed = [i for i, t in enumerate(self.layer_types) if t == kind]
             window = self.layer_window(kind)
             if windowed and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-                name = "hybrid_window` (or `sliding_window" if kind == "hybrid_sliding" else "sliding_window"
-                raise ValueError(f"FWPConfig: layers {windowed} use a sliding window, so `{name}` must be a positive "
+                name = "`hybrid_window` (or `sliding_window`)" if kind == "hybrid_sliding" else "`sliding_window`"
+                raise ValueError(f"FWPConfig: layers {windowed} use a sliding window, so {name} must be a positive "
                                  f"int (got {window!r}).")
+        if self.hybrid_window is not None and "hybrid_sliding" not in self.layer_types:
+            raise ValueError(f"FWPConfig: hybrid_window={self.hybrid_window!r} sets the window of hybrid_sliding "
+                             "layers and there are none; leave it out (sliding_attention layers use sliding_window).")
         if self.hybrid_window is not None and (not isinstance(self.hybrid_window, int) or self.hybrid_window < 1):
             raise ValueError(f"FWPConfig: `hybrid_window` must be None or a positive int, got {self.hybrid_window!r}.")
         if self.fwp_rule in ("delta", "gated_delta") and not self.qk_l2norm and not self.allow_unnormalized_delta:
@@ -221,6 +227,24 @@ class FWPConfig(PreTrainedConfig):
             raise ValueError(f"FWPConfig: hybrid_mix_init must be in (0, 1), got {self.hybrid_mix_init}.")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"FWPConfig: RoPE needs an even head_dim, got {self.head_dim}.")
+
+    def _check_rope(self) -> None:
+        """transformers only logs an unknown ``rope_type`` and fails later with a KeyError: refuse it here, with a
+        ``rope_theta`` that is not a positive number and missing keys of the type (e.g. ``factor``)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = self.rope_parameters or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"FWPConfig: unknown rope_parameters rope_type {kind!r}; choose 'default' or one of "
+                             f"{sorted(ROPE_INIT_FUNCTIONS)}.")
+        theta = params.get("rope_theta")
+        if not _is_number(theta) or theta <= 0:
+            raise ValueError(f"FWPConfig: rope_parameters rope_theta must be a positive number, got {theta!r}.")
+        try:
+            self.validate_rope()
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"FWPConfig: rope_parameters {params!r} are incomplete: {str(e).strip(chr(34))}.") from None
 
     def layer_window(self, layer_type: str) -> int | None:
         """The attention window of a layer kind: ``hybrid_window`` (else ``sliding_window``) for hybrid layers,
@@ -273,7 +297,8 @@ _METADATA_KEYS = {"auto_map", "model_type", "architectures", "transformers_versi
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (not a bool, NaN or inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _positive_int(name, value):

@@ -6,7 +6,7 @@ import torch
 
 from .ops_delta_rule_reference import chunk_delta_rule, naive_delta_rule
 from .ops_dispatch import TRITON_DELTA_MAX_K, TRITON_FUSED_MAX_LEN, floor_gate, resolve_backend
-from .ops_utils import causal_nonfinite, check_chunk_size, check_gate_values, check_inputs, check_scale
+from .ops_utils import causal_nonfinite, check_chunk_size, check_flag, check_gate_values, check_inputs, check_scale
 
 __all__ = ["delta_rule", "naive_delta_rule", "chunk_delta_rule"]
 
@@ -45,7 +45,8 @@ def delta_rule(
                          "linear_attention.")
     check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, backend, "delta_rule")
     check_chunk_size(chunk_size, "delta_rule")
-    check_scale(scale, "delta_rule")
+    check_flag(output_final_state, "output_final_state", "delta_rule")
+    scale = check_scale(scale, "delta_rule")
     kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     requested = backend

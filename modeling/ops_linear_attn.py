@@ -6,7 +6,7 @@ import torch
 
 from .ops_dispatch import floor_gate, resolve_backend
 from .ops_linear_attn_reference import chunk_linear_attention, naive_linear_attention
-from .ops_utils import causal_nonfinite, check_chunk_size, check_gate_values, check_inputs, check_scale
+from .ops_utils import causal_nonfinite, check_chunk_size, check_flag, check_gate_values, check_inputs, check_scale
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -45,7 +45,8 @@ def linear_attention(
     """
     check_inputs(q, k, v, None, g, initial_state, cu_seqlens, backend, "linear_attention")
     check_chunk_size(chunk_size, "linear_attention")
-    check_scale(scale, "linear_attention")
+    check_flag(output_final_state, "output_final_state", "linear_attention")
+    scale = check_scale(scale, "linear_attention")
     kwargs = dict(g=floor_gate(g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     backend = resolve_backend(backend, q, "linear_attention")

@@ -45,6 +45,11 @@ def fwp_step(
     Returns:
         o ``[B, 1, H, V]`` in v's dtype.
     """
+    for name, t in (("q", q), ("k", k), ("v", v), ("state", state), ("beta", beta), ("g", g)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name not in ("beta", "g")):
+            raise ValueError(f"fwp_step: `{name}` must be a torch.Tensor; got {type(t).__name__}.")
+        if name in ("beta", "g") and t is not None and not t.is_floating_point():
+            raise ValueError(f"fwp_step: `{name}` must be a floating tensor; got dtype {t.dtype}.")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"fwp_step: q, k and v must be 4-D [B, 1, heads, dim]; got {q.dim()}-D, {k.dim()}-D and "
                          f"{v.dim()}-D tensors.")
@@ -71,7 +76,7 @@ def fwp_step(
             raise ValueError(f"fwp_step: `{name}` must be [B, 1, Hs] = {(B, 1, Hs)}; got {tuple(t.shape)}.")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"fwp_step: backend={backend!r} is not one of ('auto', 'torch', 'triton').")
-    check_scale(scale, "fwp_step")
+    scale = check_scale(scale, "fwp_step")
     scale = K**-0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if state.is_cuda and state.dtype == torch.float32 and triton_available() else "torch"

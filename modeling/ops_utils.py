@@ -7,6 +7,8 @@ v ``[B, T, H, V]``, beta and g ``[B, T, H]``, states ``[B, H, K, V]``.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 BACKENDS = ("auto", "naive", "chunk", "triton")
@@ -114,16 +116,25 @@ def check_gate_values(beta: torch.Tensor | None, g: torch.Tensor | None, op: str
                          f"{beta.min().item():.4g} to {beta.max().item():.4g}. Pass sigmoid(logits) (or 2 * it).")
 
 
+def check_flag(value, name: str, op: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: `{name}` must be True or False; got {value!r}.")
+
+
 def check_chunk_size(chunk_size, op: str) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{op}: `chunk_size` must be a positive int (e.g. 64); got {chunk_size!r}.")
 
 
-def check_scale(scale, op: str) -> None:
-    """``scale`` is None (the default ``K ** -0.5``) or a positive finite number."""
-    ok = scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf"))
+def check_scale(scale, op: str) -> float | None:
+    """``scale`` is None (the default ``K ** -0.5``) or a positive finite Python / NumPy number; returns it as a
+    float (or None)."""
+    ok = scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                           and 0 < float(scale) < float("inf"))
     if not ok:
-        raise ValueError(f"{op}: `scale` must be None (K ** -0.5) or a positive finite number; got {scale!r}.")
+        hint = " (a tensor: pass scale.item())" if isinstance(scale, torch.Tensor) else ""
+        raise ValueError(f"{op}: `scale` must be None (K ** -0.5) or a positive finite number{hint}; got {scale!r}.")
+    return None if scale is None else float(scale)
 
 
 def _check_gate(t: torch.Tensor, name: str, shape: tuple[int, int, int], op: str) -> None:

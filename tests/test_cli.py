@@ -15,8 +15,8 @@ def test_version_and_help(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"hf-fwp {hf_fwp.__version__}"
-    assert main([]) == 0
-    assert "env" in capsys.readouterr().out
+    assert main([]) == 2  # no command is a usage error, as in argparse
+    assert "give a command" in capsys.readouterr().err
 
 
 def test_env_reports_auto_backend(capsys):
@@ -43,7 +43,12 @@ def test_version_and_help_answer_without_importing_torch(args):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (f"hf-fwp {hf_fwp.__version__}" in out.stdout) if args == ["--version"] else ("convert" in out.stdout)
+    if args == ["--version"]:
+        assert f"hf-fwp {hf_fwp.__version__}" in out.stdout
+    elif args == ["--help"]:
+        assert "convert" in out.stdout
+    else:  # no command: usage and a one-line error on stderr
+        assert "usage: hf-fwp" in out.stderr and "give a command" in out.stderr
 
 
 def test_installed_command_is_the_light_entry_point():

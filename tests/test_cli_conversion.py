@@ -106,6 +106,9 @@ def test_distill_eval_push(teacher_dir, capsys):
     out = capsys.readouterr().out
     assert "student / teacher perplexity" in out and (run / "model" / "README.md").exists()
     assert main(args) == 2 and "not empty" in capsys.readouterr().err
+    # Resuming a finished run has nothing to do (it would add a step and rewrite model/).
+    assert main(args + ["--resume"]) == 2 and "has finished: its model is" in capsys.readouterr().err
+    assert (run / "stage1" / "tokenizer.json").exists()  # stage 1 is a loadable model folder too
     other = teacher_dir / "other.txt"
     other.write_text(" ".join(reversed((teacher_dir / "train.txt").read_text().split())))
     assert main(["eval", str(run / "model"), "--teacher", str(teacher_dir / "teacher"), "--data",
@@ -166,6 +169,10 @@ def test_recipe_validates_its_fields():
         with pytest.raises(RecipeError, match=next(iter(bad))):
             Recipe(**bad)
     Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")
+    with pytest.raises(RecipeError, match="keep_softmax must be a list naming each layer once"):
+        Recipe(keep_softmax=[1, 1])
+    with pytest.warns(UserWarning, match="sliding_window 64 >= block_size 32: the softmax window covers every"):
+        Recipe(block_size=32)
     # The window belongs to hybrid layers: defaulted for them, refused for a pure FWP layout.
     assert Recipe().sliding_window == 64 and Recipe(fwp_layer_type="linear_attention").sliding_window is None
     with pytest.raises(RecipeError, match="sliding_window must be None with fwp_layer_type='linear_attention'"):
@@ -370,3 +377,58 @@ def test_new_user_pass_findings(teacher_dir, tmp_path, capsys, monkeypatch):
     listing = capsys.readouterr().out
     assert "credentials.json" not in listing and "my_script.py" not in listing
     assert "  ops_step_triton.py\n" in listing and "  config.json\n" in listing
+
+
+def test_second_new_user_pass_findings(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = str(teacher_dir / "teacher")
+    # Converting into the teacher's own folder (or one holding it) would delete the model being read.
+    shutil.copytree(teacher, tmp_path / "nest" / "teach")
+    for out in ("nest/teach", "nest"):
+        assert main(["convert", str(tmp_path / "nest" / "teach"), str(tmp_path / out), "--overwrite"]) == 2
+        assert "is the teacher's folder (or holds it)" in capsys.readouterr().err
+    assert '"model_type": "llama"' in (tmp_path / "nest" / "teach" / "config.json").read_text()
+    # A teacher missing a weight (transformers would initialise it at random) or holding NaN is refused.
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights.pop("model.layers.0.self_attn.q_proj.weight")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(broken), str(tmp_path / "s1")]) == 2
+    assert "lacks 1 weight(s) its config needs (model.layers.0.self_attn.q_proj.weight)" in capsys.readouterr().err
+    weights = load_file(teacher_dir / "teacher" / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(broken), str(tmp_path / "s1")]) == 2
+    assert "NaN or inf weights in 1 tensor(s) (model.norm.weight)" in capsys.readouterr().err
+    # Weights of another shape than the config's: one line, not a traceback.
+    config = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(config.replace('"intermediate_size": 48', '"intermediate_size": 40'))
+    assert main(["generate", str(broken), "--prompt", "hi"]) == 2
+    assert "weights do not have the shapes its config.json gives" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()
+    # eval refuses a student of another vocabulary.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(small)
+    assert main(["eval", str(small), "--teacher", teacher, "--data", str(teacher_dir / "train.txt"),
+                 "--block-size", "16"]) == 2
+    assert "different vocabularies" in capsys.readouterr().err
+    # Duplicated layers in --keep-softmax, a bad branch name and the user's own files are refused / left out.
+    assert main(["convert", teacher, str(tmp_path / "s2"), "--keep-softmax", "0,0"]) == 2
+    assert "--keep-softmax must be a list naming each layer once" in capsys.readouterr().err
+    folder = tmp_path / "s3"
+    assert main(["convert", teacher, str(folder)]) == 0
+    (folder / "screenshot.png").write_bytes(b"png")
+    (folder / "layers_mine.py").write_text("x = 1\n")
+    capsys.readouterr()
+    assert main(["push", str(folder), "me/model", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "screenshot.png" not in listing and "layers_mine.py" not in listing and "  layers_conv.py\n" in listing
+    assert main(["push", str(folder), "me/model", "--dry-run", "--revision", "bad..branch"]) == 2
+    assert "not a valid branch name" in capsys.readouterr().err

@@ -127,6 +127,17 @@ def test_a_hybrid_window_never_changes_the_kept_sliding_layers():
     with torch.no_grad():
         mixed(ids), src(ids)
     torch.testing.assert_close(outs["fwp"], outs["src"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"lists a layer twice: \[0, 0\]"):
+        convert(src, keep_softmax=[0, 0])
     # A window for a layout without hybrid layers is a mistake, not something to ignore.
     with pytest.raises(ValueError, match="sliding_window=8 sets the window of hybrid_sliding layers"):
         convert(src, fwp_layer_type="linear_attention", sliding_window=8)
+
+
+@pytest.mark.parametrize("flags", [dict(scale_attn_weights=False), dict(scale_attn_by_inverse_layer_idx=True)])
+def test_gpt2_attention_scalings_the_student_cannot_reproduce_are_refused(flags):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, **flags))
+    with pytest.raises(ValueError, match="supports GPT-2 attention scaled by head_dim \\*\\* -0.5 only"):
+        convert(src, keep_softmax="all")

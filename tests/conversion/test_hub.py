@@ -25,3 +25,8 @@ def test_the_license_comes_from_a_gguf_files_metadata(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     assert teacher_license(str(path)) == "apache-2.0"
+
+
+def test_a_license_other_keeps_its_name_and_link(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: other\nlicense_name: acme-1\nlicense_link: LICENSE\n---\n# t\n")
+    assert teacher_license(str(tmp_path)) == {"license": "other", "license_name": "acme-1", "license_link": "LICENSE"}

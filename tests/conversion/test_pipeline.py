@@ -23,8 +23,8 @@ def _setup():
                                            initializer_range=0.2)).eval()
     blocks = pack(Dataset.from_dict({"text": TEXT.splitlines()}), tok, block_size=16)
     split = blocks.train_test_split(test_size=0.25, seed=0)
-    recipe = pipeline.Recipe(fwp_rule="linear", feature_map="hedgehog", block_size=16, batch_size=4, stage1_steps=5,
-                             stage2_steps=6, save_steps=3, lora_rank=4)
+    recipe = pipeline.Recipe(fwp_rule="linear", feature_map="hedgehog", sliding_window=8, block_size=16, batch_size=4,
+                             stage1_steps=5, stage2_steps=6, save_steps=3, lora_rank=4)
     return tok, teacher, split["train"], split["test"], recipe
 
 
@@ -41,9 +41,13 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "modeling_fwp.py", "tokenizer.json", "README.md",
             "generation_config.json", "results.json"} <= names
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nbase_model: tiny-llama\nlicense: apache-2.0\n") and "student / teacher perplexity" in card
-    assert "library_name: transformers\npipeline_tag: text-generation\ntags: [fwp, " in card
-    assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 64" in card  # from the saved config
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data.to_dict()  # the Hub's parser reads the YAML header
+    assert meta["base_model"] == "tiny-llama" and meta["license"] == "apache-2.0" and "student / teacher perplexity" in card
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"][:2] == ["fwp", "hf-fwp"]
+    assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 8" in card  # from the saved config
     assert reference["tokens_seen"] == (5 + 6) * 4 * 16
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor(held_out["input_ids"][:2])
@@ -123,3 +127,56 @@ def test_blocks_that_do_not_fit_the_recipe_and_unknown_lora_targets_are_refused_
         pipeline.run(teacher, tok, train, held_out, replace(recipe, lora_targets=("q_proj", "nope")), tmp_path / "b",
                      progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_checks_what_it_is_given_and_never_saves_a_diverged_student(tmp_path, monkeypatch):
+    tok, teacher, train, held_out, recipe = _setup()
+    for bad, message in ((dict(eval_blocks={}), "eval_blocks is empty"),
+                         (dict(eval_blocks=held_out.select([])), "must be a non-empty datasets.Dataset"),
+                         (dict(train_blocks=train["input_ids"]), "train_blocks must be a datasets.Dataset"),
+                         (dict(prompts=[""]), "prompts must be a list of non-empty strings")):
+        kwargs = dict(teacher=teacher, tokenizer=tok, train_blocks=train, eval_blocks=held_out, recipe=recipe,
+                      output_dir=tmp_path / "r", progress=False)
+        with pytest.raises(ValueError, match=message):
+            pipeline.run(**{**kwargs, **bad})
+        assert not (tmp_path / "r").exists()
+    original = pipeline.attention_transfer
+
+    def diverging(student, *args, **kwargs):  # what a too-large learning rate does, made deterministic
+        result = original(student, *args, **kwargs)
+        with torch.no_grad():
+            next(p for n, p in student.named_parameters() if "mix_logit" in n).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(pipeline, "attention_transfer", diverging)
+    with pytest.raises(ValueError, match=r"stage 1 \(attention transfer, lr 0.01\) diverged: 1 weight tensor"):
+        pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "d", progress=False)
+    assert not (tmp_path / "d" / "stage1").exists()
+    # Resuming a run recorded by another fingerprint format warns instead of refusing a teacher it cannot compare.
+    inputs = json.loads((tmp_path / "d" / "inputs.json").read_text())
+    (tmp_path / "d" / "inputs.json").write_text(json.dumps({**inputs, "format": 0, "teacher": "x"}))
+    with pytest.warns(UserWarning, match="another version of hf-fwp"), \
+            pytest.raises(ValueError, match="stage 1 .* diverged"):
+        pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "d", resume=True, progress=False)
+    # Wall time adds up over the sessions of a run.
+    assert json.loads((tmp_path / "d" / "minutes.json").read_text())["minutes"] > 0
+
+
+def test_the_card_writes_only_valid_metadata():
+    from huggingface_hub import ModelCard
+
+    tok, teacher, train, held_out, recipe = _setup()
+    config = pipeline.convert(teacher, **recipe.convert_options()).config
+    result = {"recipe": pipeline.asdict(recipe), "tokens_seen": 1, "minutes": 0.1, "transfer": {"table": ""},
+              "sets": {}, "ratio": 1.0, "agreement": 1.0, "prompts": [],
+              "teacher": {"perplexity": 1.0, "samples": [], "tokens_per_s": 1.0},
+              "student": {"perplexity": 1.0, "samples": [], "tokens_per_s": 1.0}}
+    card = pipeline.model_card(result, None, config, "mit\nfoo: bar")
+    meta = ModelCard(card).data.to_dict()
+    assert "base_model" not in meta and "license" not in meta and "foo" not in meta
+    assert "# linear student of a softmax transformer" in card
+    card = pipeline.model_card(result, "a\nb: c", config, {"license": "other", "license_name": "acme-1",
+                                                           "license_link": "https://acme.example/license"})
+    meta = ModelCard(card).data.to_dict()
+    assert meta["license"] == "other" and meta["license_name"] == "acme-1" and "b" not in meta
+    assert "# linear student of a b: c\n" in card

@@ -25,7 +25,7 @@ def test_local_files_are_tokenised_and_packed(tmp_path, suffix):
     lines = [line for line in TEXT.splitlines() if line] + ["", "  "]
     path = tmp_path / f"data{suffix}"
     if suffix == ".txt":
-        path.write_text("\n".join(lines))
+        path.write_text("\n\n".join(lines))  # paragraphs: one document each
     else:
         getattr(Dataset.from_dict({"text": lines}), "to_json" if suffix == ".jsonl" else "to_parquet")(str(path))
     tok = _tokenizer()
@@ -35,6 +35,22 @@ def test_local_files_are_tokenised_and_packed(tmp_path, suffix):
     assert all(len(b) == 16 for b in blocks["input_ids"]) and blocks["labels"] == blocks["input_ids"]
     flat = [t for b in blocks["input_ids"] for t in b]
     assert flat[:per_line] == tok(lines[0])["input_ids"] + [tok.eos_token_id]
+
+
+def test_text_files_keep_their_line_breaks_within_a_paragraph(tmp_path):
+    tok = _tokenizer()
+    (tmp_path / "a.txt").write_text("first line of a paragraph\nits second line\n\nnext paragraph\n")
+    ds = load_text(tmp_path / "a.txt")
+    assert ds["text"][:2] == ["first line of a paragraph\nits second line", "next paragraph\n"]
+    # EOS only between the paragraphs, never inside a sentence.
+    ids = pack(ds, tok, block_size=4)["input_ids"]
+    flat = [t for b in ids for t in b]
+    first = tok("first line of a paragraph\nits second line")["input_ids"]
+    assert flat[: len(first) + 1] == first + [tok.eos_token_id]
+    # A column of numbers is not text: a one-line error, not a crash inside datasets.
+    (tmp_path / "n.jsonl").write_text('{"text": 123}\n{"text": "abc"}\n')
+    with pytest.raises(ValueError, match="holds int values such as 123, not text"):
+        pack(load_text(tmp_path / "n.jsonl"), tok, block_size=4)
 
 
 def test_bad_data_sources(tmp_path):

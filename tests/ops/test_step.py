@@ -149,6 +149,12 @@ def test_bad_inputs_are_refused():
         fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), backend="cuda")
     with pytest.raises(ValueError, match=r"`state` requires grad, but it is updated in place.*state.detach\(\)"):
         fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone().requires_grad_())
+    with pytest.raises(ValueError, match="`beta` must be a floating tensor; got dtype torch.int64"):
+        fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), beta=x["beta"].long())
+    with pytest.raises(ValueError, match="`beta` must be a torch.Tensor; got list"):
+        fwp_step(x["q"], x["k"], x["v"], x["initial_state"].clone(), beta=x["beta"].tolist())
+    with pytest.raises(ValueError, match="`state` must be a torch.Tensor; got NoneType"):
+        fwp_step(x["q"], x["k"], x["v"], None)
     with pytest.raises(ValueError, match="H a multiple of Hs"):  # 3 query heads cannot share 2 states
         fwp_step(x["q"], x["k"][:, :, :2], x["v"][:, :, :2], x["initial_state"][:, :2].clone())
 

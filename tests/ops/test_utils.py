@@ -46,6 +46,8 @@ def _call(**over):
         (dict(scale="x"), r"`scale` must be None \(K \*\* -0.5\) or a positive finite number; got 'x'"),
         (dict(scale=0.0), r"`scale` must be None"),
         (dict(scale=-1.0), r"`scale` must be None"),
+        (dict(scale=torch.tensor(0.5)), r"`scale` must be None .*\(a tensor: pass scale.item\(\)\)"),
+        (dict(output_final_state="no"), r"`output_final_state` must be True or False; got 'no'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(over, pattern):
@@ -71,6 +73,14 @@ def test_gate_values_outside_their_range_are_refused_by_the_torch_backends(backe
     beta[1, 0, 0], beta[0, 0, 0] = 2.0, 0.0
     o, _ = _call(g=g, beta=beta, backend=backend)
     assert torch.isfinite(o).all()
+
+
+def test_numpy_scales_are_numbers():
+    import numpy as np
+
+    x = _ok()
+    o, _ = delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], scale=np.float32(0.5))
+    torch.testing.assert_close(o, delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], scale=0.5)[0])
 
 
 def test_device_mismatch_is_reported():
