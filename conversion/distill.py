@@ -58,8 +58,10 @@ def fwp_layer_indices(student) -> list[int]:
 def _layer_errors(student, teacher, batch) -> dict[int, torch.Tensor]:
     """Per FWP layer: MSE between the student's attention output and the teacher's, on the teacher's inputs."""
     layers = fwp_layer_indices(student)
-    ids = batch["input_ids"]
+    device = next(student.parameters()).device
+    ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
+    mask = None if mask is None else mask.to(device)
     with torch.no_grad(), TeacherAttentionCapture(teacher, layers) as capture:
         teacher(input_ids=ids, attention_mask=mask)
     position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
@@ -139,12 +141,20 @@ def trainable_fwp_parameters(student) -> list[torch.nn.Parameter]:
 
 
 def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr: float = 1e-2,
-                       eval_batches: list[dict] | None = None, progress: bool = True) -> TransferResult:
+                       eval_batches: list[dict] | None = None, progress: bool = True,
+                       autocast_dtype: torch.dtype | None = None) -> TransferResult:
     """Stage 1: train the student's new FWP parameters to reproduce each teacher attention block.
 
     ``batches`` (cycled) and ``eval_batches`` are dicts with ``input_ids`` ``[B, T]`` (and optionally
-    ``attention_mask``). Returns the per-layer errors on ``eval_batches`` (default: the first batch) before and after.
+    ``attention_mask``), moved to the student's device. ``autocast_dtype`` (e.g. ``torch.bfloat16``): mixed
+    precision, the student's weights staying in their own (float32) dtype. Returns the per-layer errors on
+    ``eval_batches`` (default: the first batch) before and after.
     """
+    if autocast_dtype is not None:
+        device_type = next(student.parameters()).device.type
+        with torch.autocast(device_type, dtype=autocast_dtype):
+            return attention_transfer(student, teacher, batches, steps=steps, lr=lr, eval_batches=eval_batches,
+                                      progress=progress)
     teacher.eval()
     eval_batches = eval_batches or batches[:1]
     params = trainable_fwp_parameters(student)

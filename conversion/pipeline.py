@@ -49,6 +49,11 @@ class Recipe:
     1.40 on average over three held-out kinds of text), with one fast-weight state per key/value head
     (``fwp_state_heads="kv"``: 1.391 vs 1.388 per query head in the same 40 + 60-step run, for a 3x smaller FWP
     state on SmolLM2; ``benchmarks/results/recipe_experiments.md``).
+
+    Where it runs: on a CUDA GPU when one is present (else the CPU); ``precision="auto"`` trains in bf16 mixed
+    precision on a GPU that supports it (teacher in bf16, student weights in float32 under autocast, the Triton
+    kernels) and in float32 on the CPU; ``"bf16"`` / ``"fp32"`` force one. ``gradient_checkpointing`` recomputes
+    the student's layers in stage 2's backward pass (less activation memory for long blocks on a GPU).
     """
 
     fwp_rule: str = "linear"
@@ -72,6 +77,8 @@ class Recipe:
     ce_weight: float = 0.0
     save_steps: int = 50
     seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         """Validate every field before any work: a bad value found after stage 1 would cost its minutes."""
@@ -115,6 +122,8 @@ class Recipe:
         need(count(self.block_size) and self.block_size >= 2, "block_size", "an integer >= 2 (tokens per block)")
         need(count(self.seed), "seed", "an integer")
         need(isinstance(self.train_fwp_in_stage2, bool), "train_fwp_in_stage2", "True or False")
+        need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'")
         need(isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0
              and all(isinstance(t, str) and t for t in self.lora_targets), "lora_targets",
              "a non-empty list of module names (e.g. ('q_proj', 'v_proj'))")
@@ -142,6 +151,16 @@ class Recipe:
             opts.update(qk_l2norm=False, normalize_attention=True)
         return dict(keep_softmax=self.keep_softmax, fwp_layer_type=self.fwp_layer_type,
                     sliding_window=self.sliding_window, **opts)
+
+
+def placement(recipe: Recipe, *, cuda: bool | None = None, cuda_bf16: bool | None = None) -> tuple[str, bool]:
+    """``(device, bf16)`` for a run of ``recipe``: the GPU when there is one, bf16 mixed precision per
+    ``recipe.precision`` (``"auto"``: on a GPU that supports it). ``cuda`` / ``cuda_bf16`` override the detection."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda_bf16 is None:
+        cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and cuda and cuda_bf16)
+    return ("cuda" if cuda else "cpu"), bf16
 
 
 def learned_positions(model) -> int | None:
@@ -172,20 +191,23 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     _check_run_inputs(train_blocks, eval_sets, prompts)
 
     out = check_run_folder(output_dir, resume=resume)
+    device, bf16 = placement(recipe)
     args = TrainingArguments(
         output_dir=str(out / "stage2"), max_steps=recipe.stage2_steps, learning_rate=recipe.stage2_lr,
         per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
         lr_scheduler_type="cosine", warmup_steps=max(1, recipe.stage2_steps // 20), save_steps=recipe.save_steps,
         save_total_limit=2, logging_steps=max(1, recipe.stage2_steps // 10), report_to=[], seed=recipe.seed,
-        disable_tqdm=not progress, remove_unused_columns=False,
+        disable_tqdm=not progress, remove_unused_columns=False, bf16=bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
         # Without use_cpu, accelerate does not start a gloo process group for multi-process runs on CPU.
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
     )
     # Under torchrun / accelerate launch every process runs the (deterministic) stage 1, only the main one writes.
     state = PartialState()
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
-    teacher.eval()
+    # The frozen teacher runs in bf16 under mixed precision; the student trains with float32 weights.
+    teacher.to(device=state.device if device == "cuda" else "cpu", dtype=torch.bfloat16 if bf16 else None).eval()
     stage1_dir = out / "stage1"
     resumed_stage1 = resume and (stage1_dir / "config.json").exists()
     student = batches = None
@@ -197,7 +219,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
                 raise ValueError(f"the {name} blocks hold {length} tokens but the recipe's block_size is "
                                  f"{recipe.block_size}: pack them with block_size={recipe.block_size}, or set "
                                  f"Recipe(block_size={length}).")
-        student = convert(teacher, **recipe.convert_options())
+        student = convert(teacher, **recipe.convert_options()).float()
         modules = {n.rsplit(".", 1)[-1] for n, _ in student.named_modules()}
         missing = [t for t in recipe.lora_targets if t not in modules]
         if missing:
@@ -245,7 +267,7 @@ def _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, stat
     else:
         result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
                                     eval_batches=_batches(first_eval, recipe.batch_size)[:2] or batches[:1],
-                                    progress=progress)
+                                    progress=progress, autocast_dtype=torch.bfloat16 if args.bf16 else None)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
         _finite_or_raise(student, f"stage 1 (attention transfer, lr {recipe.stage1_lr})")
         if state.is_main_process:
@@ -355,8 +377,9 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
     """A new run records its recipe; a resumed one must use the same (its checkpoints were built with it)."""
     current = json.loads(json.dumps(asdict(recipe)))
     if resume and path.exists():
-        # Runs recorded before Recipe had fwp_state_heads built one state per query head.
-        stored = {"fwp_state_heads": "query", **json.loads(path.read_text())}
+        # Runs recorded before these Recipe fields existed: one state per query head, default precision.
+        stored = {"fwp_state_heads": "query", "precision": "auto", "gradient_checkpointing": False,
+                  **json.loads(path.read_text())}
         if stored.get("fwp_layer_type") == "linear_attention":
             stored["sliding_window"] = None  # earlier Recipes carried an unused window for pure FWP layouts
         changed = {k: (stored.get(k), v) for k, v in current.items() if k != "save_steps" and stored.get(k) != v}

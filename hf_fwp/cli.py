@@ -240,6 +240,11 @@ def _distill_args(p):
                    help="weight of the next-token cross-entropy added to the KL (default: %(default)s)")
     g.add_argument("--save-steps", type=int, default=d.save_steps,
                    help="stage-2 checkpoint interval: what --resume can recover (default: every %(default)s steps)")
+    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 mixed precision on a GPU that supports it, float32 on the CPU (default: "
+                   "%(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the student's layers in stage 2's backward pass (less memory, more time)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT (same options)")
 
 
@@ -263,7 +268,8 @@ def _distill_run(args) -> int:
     try:  # every option is checked before the teacher loads
         recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
-                         temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps)
+                         temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps,
+                         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing)
     except RecipeError as e:
         raise _flag_error(e) from None
     try:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,21 @@ def test_the_card_writes_only_valid_metadata():
     meta = ModelCard(card).data.to_dict()
     assert meta["license"] == "other" and meta["license_name"] == "acme-1" and "b" not in meta
     assert "# linear student of a b: c\n" in card
+
+
+def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path):
+    from dataclasses import replace
+
+    auto = pipeline.Recipe()
+    assert pipeline.placement(auto, cuda=False) == ("cpu", False)  # the CPU stays float32
+    assert pipeline.placement(auto, cuda=True, cuda_bf16=True) == ("cuda", True)  # a GPU trains in bf16
+    assert pipeline.placement(auto, cuda=True, cuda_bf16=False) == ("cuda", False)  # ... when it supports it
+    assert pipeline.placement(replace(auto, precision="fp32"), cuda=True, cuda_bf16=True) == ("cuda", False)
+    with pytest.raises(pipeline.RecipeError, match="precision must be 'auto', 'fp32' or 'bf16'"):
+        pipeline.Recipe(precision="fp16")
+    # The bf16 path on the CPU (autocast): the teacher runs in bf16, the student trains and is saved in float32.
+    tok, teacher, train, held_out, recipe = _setup()
+    recipe = replace(recipe, precision="bf16", gradient_checkpointing=True, stage1_steps=2, stage2_steps=2)
+    result = pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", progress=False)
+    assert teacher.dtype == torch.bfloat16 and math.isfinite(result["ratio"]) and result["ratio"] < 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").dtype == torch.float32
