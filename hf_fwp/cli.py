@@ -136,6 +136,32 @@ def _recipe_from(args):
         raise _flag_error(e) from None
 
 
+def _check_layout_has_fwp_layers(args, teacher) -> None:
+    """A --keep-softmax that keeps every layer of this teacher (all, every:1, a full list) leaves no FWP layer: the
+    layout flags given with it would do nothing, so they are refused, not ignored."""
+    from hf_fwp.conversion.architectures import ARCHITECTURES, source_layer_types
+    from hf_fwp.conversion.convert import plan_layer_types
+    from hf_fwp.conversion.pipeline import Recipe
+
+    name = type(teacher).__name__
+    if name not in ARCHITECTURES:
+        return  # convert names the supported architectures
+    n = ARCHITECTURES[name].config_map(teacher.config)["num_hidden_layers"]
+    try:
+        types = plan_layer_types(n, source_layer_types(name, teacher.config), _parse_keep(args.keep_softmax))
+    except ValueError as e:
+        raise CLIError(f"--keep-softmax: {e}") from None
+    d = Recipe()
+    given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, d.fwp_rule),
+                                               ("--feature-map", args.feature_map, d.feature_map),
+                                               ("--layer-type", args.layer_type, d.fwp_layer_type),
+                                               ("--state-heads", args.state_heads, d.fwp_state_heads))
+             if value != default]
+    if "linear_attention" not in types and "hybrid_sliding" not in types and given:
+        raise CLIError(f"--keep-softmax {args.keep_softmax} keeps all {n} layers of this teacher softmax, so "
+                       f"{', '.join(given)} would have no effect; keep fewer layers or leave {given[0]} out.")
+
+
 def _convert_args(p):
     p.add_argument("teacher", help="model folder, .gguf file or Hub id of the softmax model")
     p.add_argument("output", help="folder to write the converted (undistilled) model to; must be new or empty")
@@ -159,6 +185,7 @@ def _convert_run(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     teacher, tokenizer = _load_teacher(args.teacher)
+    _check_layout_has_fwp_layers(args, teacher)
     try:
         student = convert(teacher, **recipe.convert_options())
         with atomic_folder(args.output, overwrite=args.overwrite, flag="--overwrite") as tmp:
@@ -277,6 +304,7 @@ def _distill_run(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     teacher, tokenizer = _load_teacher(args.teacher)
+    _check_layout_has_fwp_layers(args, teacher)
     limit = pipeline.learned_positions(teacher)
     if limit is not None and args.block_size > limit:
         raise CLIError(f"--block-size {args.block_size} is longer than the {limit} learned positions of "

@@ -420,6 +420,9 @@ def test_second_new_user_pass_findings(teacher_dir, tmp_path, capsys):
                  "--block-size", "16"]) == 2
     assert "different vocabularies" in capsys.readouterr().err
     # Duplicated layers in --keep-softmax, a bad branch name and the user's own files are refused / left out.
+    for keep in ("every:1", "0,1"):  # every layer of the 2-layer teacher: the layout flags would do nothing
+        assert main(["convert", teacher, str(tmp_path / "s2"), "--keep-softmax", keep, "--window", "8"]) == 2
+        assert "keeps all 2 layers of this teacher softmax, so --window would have no effect" in capsys.readouterr().err
     assert main(["convert", teacher, str(tmp_path / "s2"), "--keep-softmax", "0,0"]) == 2
     assert "--keep-softmax must be a list naming each layer once" in capsys.readouterr().err
     folder = tmp_path / "s3"
