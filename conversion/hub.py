@@ -13,7 +13,7 @@ import torch
 UPLOAD_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json",
                    "chat_template.jinja", "results.json", "model.safetensors", "model-*-of-*.safetensors",
-                   "model.safetensors.index.json", "README.md", "LICENSE", "merges.txt", "vocab.txt",
+                   "model.safetensors.index.json", "README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "merges.txt", "vocab.txt",
                    "tokenizer.model")
 # A git branch name: no "..", "@{", "//", control characters, spaces or ~^:?*[\; not starting with "-" or ending
 # with "/", "." or ".lock".
@@ -92,9 +92,9 @@ def _check_weights(model, info: dict, spec: str, role: str) -> None:
 
 def teacher_license(spec: str) -> str | dict | None:
     """The licence of a teacher where it says one (a GGUF file's ``general.license``, the ``license`` of a model
-    card's metadata in a local folder or, when reachable or cached, on the Hub): its id, or for ``license: other``
-    a dict with the card's ``license``, ``license_name`` and ``license_link`` (the terms travel with it); None when
-    unknown."""
+    card's metadata in a local folder or, when reachable or cached, on the Hub): its id, or a dict with the card's
+    ``license``, ``license_name`` and ``license_link`` (``license: other``) and ``license_file``, the teacher
+    folder's LICENSE file, when there is more to carry than the id; None when unknown."""
     path = Path(spec)
     try:
         if path.is_file() and path.suffix == ".gguf":
@@ -111,6 +111,9 @@ def teacher_license(spec: str) -> str | dict | None:
     except Exception:  # noqa: BLE001 - an unreadable card or no network: the licence is unknown, not an error
         return None
     terms = {k: data.get(k) for k in ("license", "license_name", "license_link") if data.get(k)}
+    files = sorted(path.glob("LICEN[CS]E*")) if path.is_dir() else []
+    if files:  # the terms themselves travel with the student (save_final copies the file)
+        terms["license_file"] = str(files[0])
     return terms if len(terms) > 1 else terms.get("license")
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from collections import Counter
 import time
 import warnings
@@ -198,7 +199,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         lr_scheduler_type="cosine", warmup_steps=max(1, recipe.stage2_steps // 20), save_steps=recipe.save_steps,
         save_total_limit=2, logging_steps=max(1, recipe.stage2_steps // 10), report_to=[], seed=recipe.seed,
         disable_tqdm=not progress, remove_unused_columns=False, bf16=bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing=recipe.gradient_checkpointing,
         # Without use_cpu, accelerate does not start a gloo process group for multi-process runs on CPU.
         use_cpu=device == "cpu",
     )
@@ -403,6 +404,9 @@ def save_final(student, tokenizer, folder, result: dict, base_model: str | None,
         tokenizer.save_pretrained(tmp)
         (tmp / "results.json").write_text(json.dumps(result, indent=1, default=str))
         (tmp / "README.md").write_text(model_card(result, base_model, student.config, license))
+        if isinstance(license, dict) and license.get("license_file"):
+            source = Path(license["license_file"])
+            shutil.copyfile(source, tmp / ("LICENSE" + source.suffix if source.suffix in (".md", ".txt") else "LICENSE"))
 
 
 def _is_hub_id(name: str) -> bool:
@@ -427,7 +431,8 @@ def model_card(result: dict, base_model: str | None, config, license: str | dict
     layout = ", ".join(f"{n} x `{t}`" for t, n in Counter(config.layer_types).items())
     window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
     window = f", window {window}" if window else ""
-    terms = license if isinstance(license, dict) else {"license": license}
+    terms = {k: v for k, v in license.items() if k != "license_file"} if isinstance(license, dict) else {
+        "license": license}
     # Only single-token licence ids and Hub repository ids are metadata (a local teacher path is named in the text).
     terms = {k: v for k, v in terms.items() if isinstance(v, str) and re.fullmatch(r"[^\s]+", v)}
     meta = ModelCardData(base_model=base_model if base_model and _is_hub_id(base_model) else None, **terms,

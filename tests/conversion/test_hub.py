@@ -30,3 +30,5 @@ def test_the_license_comes_from_a_gguf_files_metadata(tmp_path):
 def test_a_license_other_keeps_its_name_and_link(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: other\nlicense_name: acme-1\nlicense_link: LICENSE\n---\n# t\n")
     assert teacher_license(str(tmp_path)) == {"license": "other", "license_name": "acme-1", "license_link": "LICENSE"}
+    (tmp_path / "LICENSE").write_text("Acme terms\n")
+    assert teacher_license(str(tmp_path))["license_file"] == str(tmp_path / "LICENSE")

@@ -163,11 +163,12 @@ def test_run_checks_what_it_is_given_and_never_saves_a_diverged_student(tmp_path
     assert json.loads((tmp_path / "d" / "minutes.json").read_text())["minutes"] > 0
 
 
-def test_the_card_writes_only_valid_metadata():
+def test_the_card_writes_only_valid_metadata(tmp_path):
     from huggingface_hub import ModelCard
 
     tok, teacher, train, held_out, recipe = _setup()
-    config = pipeline.convert(teacher, **recipe.convert_options()).config
+    student = pipeline.convert(teacher, **recipe.convert_options())
+    config = student.config
     result = {"recipe": pipeline.asdict(recipe), "tokens_seen": 1, "minutes": 0.1, "transfer": {"table": ""},
               "sets": {}, "ratio": 1.0, "agreement": 1.0, "prompts": [],
               "teacher": {"perplexity": 1.0, "samples": [], "tokens_per_s": 1.0},
@@ -181,6 +182,12 @@ def test_the_card_writes_only_valid_metadata():
     meta = ModelCard(card).data.to_dict()
     assert meta["license"] == "other" and meta["license_name"] == "acme-1" and "b" not in meta
     assert "# linear student of a b: c\n" in card
+    # The teacher's licence file travels with the student.
+    (tmp_path / "LICENSE.md").write_text("Acme terms\n")
+    pipeline.save_final(student, tok, tmp_path / "model", result, "me/teacher",
+                        {"license": "other", "license_name": "acme-1", "license_file": str(tmp_path / "LICENSE.md")})
+    assert (tmp_path / "model" / "LICENSE.md").read_text() == "Acme terms\n"
+    assert "license_file" not in ModelCard.load(tmp_path / "model" / "README.md").data.to_dict()
 
 
 def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path):
@@ -199,3 +206,4 @@ def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path
     result = pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", progress=False)
     assert teacher.dtype == torch.bfloat16 and math.isfinite(result["ratio"]) and result["ratio"] < 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").dtype == torch.float32
+
