@@ -57,8 +57,6 @@ def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **sdpa).transpose(1, 2)
     if window is not None and T > window and L - T < window and last_keys:
         key_mask = None if key_mask is None else key_mask[:, -L:]
-        if Hq != k.shape[1]:
-            k, v = (x.repeat_interleave(Hq // x.shape[1], dim=1) for x in (k, v))
         return _banded_attention(q, k, v, window=window, key_mask=key_mask, dropout=dropout)
     allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window, key_mask=key_mask,
                                 device=q.device)
@@ -69,9 +67,10 @@ def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dr
     """Sliding-window attention in blocks of ``window`` queries: block b sees only the 2 * window keys that end
     with it, so the cost is O(T * window) instead of O(T * L) for a masked full product.
 
-    Shapes as in :func:`softmax_attention` with heads already matched; the last T of the L keys belong to the
-    queries and the ``L - T < window`` before them are cached. Query i of a block and key j of its key block
-    (which starts ``window`` positions before the query block) are allowed when ``i < j <= i + window``.
+    Shapes as in :func:`softmax_attention` (grouped-query k/v heads are read in place by SDPA's ``enable_gqa``, not
+    copied per query head); the last T of the L keys belong to the queries and the ``L - T < window`` before them
+    are cached. Query i of a block and key j of its key block (which starts ``window`` positions before the query
+    block) are allowed when ``i < j <= i + window``.
     """
     B, H, T, D = q.shape
     L, w = k.shape[2], window
@@ -82,9 +81,10 @@ def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dr
 
     def blocks(x, fill=0.0):
         x = F.pad(x, (0, 0, w - off, max(right, 0)), value=fill)  # now index 0 <-> key index off - w
-        return x.unfold(2, 2 * w, w).transpose(-1, -2)[:, :, :NB]  # [B, H, NB, 2w, D]
+        # [B, NB, Hkv, 2w, D]: heads third from last, where SDPA's enable_gqa pairs them with the query heads.
+        return x.unfold(2, 2 * w, w).transpose(-1, -2)[:, :, :NB].transpose(1, 2)
 
-    qb = F.pad(q, (0, 0, 0, NB * w - T)).view(B, H, NB, w, D)
+    qb = F.pad(q, (0, 0, 0, NB * w - T)).view(B, H, NB, w, D).transpose(1, 2)  # [B, NB, H, w, D]
     i = torch.arange(w, device=q.device)[:, None]
     j = torch.arange(2 * w, device=q.device)[None, :]
     key_idx = off + torch.arange(NB, device=q.device)[:, None, None] * w + j[None] - w  # [NB, 1, 2w]
@@ -95,8 +95,9 @@ def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dr
         km = km.unfold(2, 2 * w, w)[:, 0, :NB, 0]  # [B, NB, 2w]
         # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
         allowed = (allowed & km[:, :, None, :]) | (j == i + w)[None, None]
-    o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=allowed[:, None], dropout_p=dropout)
-    return o.reshape(B, H, NB * w, D)[:, :, :T].transpose(1, 2)
+    o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=allowed[:, :, None], dropout_p=dropout,
+                                       enable_gqa=k.shape[1] != H)
+    return o.transpose(2, 3).reshape(B, NB * w, H, D)[:, :T]  # [B, NB, H, w, D] -> [B, T, H, D]
 
 
 class QKVProjections(nn.Module):

@@ -231,6 +231,11 @@ def causal_nonfinite(run, q, k, v, beta, g, output_final_state: bool, cu_seqlens
         finite = torch.isfinite(t)
         return ~(finite.all(-1) if per_token else finite)
 
+    # One sum per input (in float32, so fp16 sums do not overflow) is finite whenever every value is; only when it
+    # is not (a non-finite value, or a sum past 3e38) do the exact per-token masks below run.
+    total = sum(t.sum(dtype=torch.float32) for t in (q, k, v, beta, g) if t is not None)
+    if bool(torch.isfinite(total)):
+        return run(q, k, v, beta, g)
     bad_q, bad_state = bad(q, True), bad(k, True) | bad(v, True)
     for gate in (beta, g):
         if gate is not None:

@@ -76,13 +76,14 @@ def test_norms():
 
 @pytest.mark.parametrize("T, window, cached", [(130, 16, 0), (65, 64, 0), (200, 64, 63), (40, 4, 3), (17, 16, 15)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window, cached, padded):
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window, cached, padded, kv_heads):
     # Prefill longer than the window runs blocked (O(T * window)); the spec is the masked full product.
     from hf_fwp.modeling import layers_softmax_attention as sa
 
     gen = torch.Generator().manual_seed(T + window)
     B, H, D, L = 2, 3, 8, T + cached
-    q, k, v = (torch.randn(B, H, n, D, generator=gen) for n in (T, L, L))
+    q, k, v = (torch.randn(B, h, n, D, generator=gen) for h, n in ((H, T), (kv_heads, L), (kv_heads, L)))
     key_mask = None
     if padded:
         key_mask = torch.ones(B, L)
@@ -92,7 +93,9 @@ def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window
     allowed = ((k_pos <= q_pos) & (k_pos > q_pos - window))[None].expand(B, T, L)
     if padded:
         allowed = (allowed & key_mask[:, None, :].bool()) | (k_pos == q_pos)[None]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2)
+    k_all, v_all = (x.repeat_interleave(H // kv_heads, dim=1) for x in (k, v))  # grouped-query heads, spelled out
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed[:, None])
+    expected = expected.transpose(1, 2)
     assert T > window  # the blocked path is taken
     out = sa.softmax_attention(q, k, v, past=cached, window=window, key_mask=key_mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
