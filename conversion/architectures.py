@@ -90,10 +90,9 @@ def _qwen3_config(src) -> dict:
 def _gpt2_config(src) -> dict:
     # FWP softmax layers scale scores by head_dim ** -0.5, as GPT-2's default; its other scalings have no field here.
     if not getattr(src, "scale_attn_weights", True) or getattr(src, "scale_attn_by_inverse_layer_idx", False):
+        flags = {k: getattr(src, k, None) for k in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx")}
         raise ValueError("hf_fwp.convert supports GPT-2 attention scaled by head_dim ** -0.5 only; this teacher has "
-                         f"scale_attn_weights={getattr(src, 'scale_attn_weights', True)}, scale_attn_by_inverse_layer_idx="
-                         f"{getattr(src, 'scale_attn_by_inverse_layer_idx', False)}, which the student could not "
-                         "reproduce.")
+                         f"{', '.join(f'{k}={v}' for k, v in flags.items())}, which the student could not reproduce.")
     return dict(
         vocab_size=src.vocab_size, hidden_size=src.n_embd, intermediate_size=src.n_inner or 4 * src.n_embd,
         num_hidden_layers=src.n_layer, num_attention_heads=src.n_head, num_key_value_heads=src.n_head,

@@ -13,7 +13,8 @@ import torch
 UPLOAD_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json",
                    "chat_template.jinja", "results.json", "model.safetensors", "model-*-of-*.safetensors",
-                   "model.safetensors.index.json", "README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "merges.txt", "vocab.txt",
+                   "model.safetensors.index.json", "README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "merges.txt",
+                   "vocab.txt",
                    "tokenizer.model")
 # A git branch name: no "..", "@{", "//", control characters, spaces or ~^:?*[\; not starting with "-" or ending
 # with "/", "." or ".lock".

@@ -185,7 +185,8 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     """Run the recipe end to end; returns the evaluation dict (see :func:`hf_fwp.conversion.evaluate.compare`)
     with ``minutes`` and ``tokens_seen`` added. ``eval_blocks``: held-out blocks, or ``{name: blocks}`` for several
     held-out sets (each reported, and their mean). The final model is in ``output_dir / "model"``; its card names
-    ``base_model`` and, when given, the teacher's ``license`` (see :func:`hf_fwp.conversion.hub.teacher_license`)."""
+    ``base_model`` and, when given, the teacher's ``license`` (see :func:`hf_fwp.conversion.hub.teacher_license`).
+    The teacher is moved to where the run trains (:func:`placement`: the GPU, in bf16 under mixed precision)."""
     from accelerate import PartialState
 
     eval_sets = eval_blocks if isinstance(eval_blocks, dict) else {"held-out": eval_blocks}
@@ -240,12 +241,15 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     _check_or_record_inputs(out / "inputs.json", teacher, train_blocks, resume, state.is_main_process)
     clock = out / "minutes.json"  # wall time of earlier sessions of this run (an interrupted run resumes)
     earlier = json.loads(clock.read_text())["minutes"] if resume and clock.exists() else 0.0
+    def minutes() -> float:
+        return earlier + (time.perf_counter() - start) / 60
+
     try:
         return _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, state, resume,
-                       resumed_stage1, student, batches, prompts, base_model, license, progress, lambda: earlier + (time.perf_counter() - start) / 60)
+                       resumed_stage1, student, batches, prompts, base_model, license, progress, minutes)
     finally:
         if state.is_main_process and out.exists():
-            clock.write_text(json.dumps({"minutes": earlier + (time.perf_counter() - start) / 60}))
+            clock.write_text(json.dumps({"minutes": minutes()}))
 
 
 def _finite_or_raise(model, what: str) -> None:
@@ -364,8 +368,8 @@ def _check_or_record_inputs(path: Path, teacher, train_blocks, resume: bool, wri
             return
         if stored["teacher"] != current["teacher"]:
             raise ValueError(f"resume: {path.parent} was started with another teacher (recorded: a "
-                             f"{stored['teacher_type']}; given: a {current['teacher_type']} with other weights); resume "
-                             "with the run's teacher in the same dtype, or start a new folder.")
+                             f"{stored['teacher_type']}; given: a {current['teacher_type']} with other weights); "
+                             "resume with the run's teacher in the same dtype, or start a new folder.")
         if stored["training_text"] != current["training_text"]:
             raise ValueError(f"resume: {path.parent} was started with other training text ({stored['training_blocks']}"
                              f" blocks, now {current['training_blocks']}, or other tokens); resume with the same data, "
@@ -406,7 +410,8 @@ def save_final(student, tokenizer, folder, result: dict, base_model: str | None,
         (tmp / "README.md").write_text(model_card(result, base_model, student.config, license))
         if isinstance(license, dict) and license.get("license_file"):
             source = Path(license["license_file"])
-            shutil.copyfile(source, tmp / ("LICENSE" + source.suffix if source.suffix in (".md", ".txt") else "LICENSE"))
+            suffix = source.suffix if source.suffix in (".md", ".txt") else ""
+            shutil.copyfile(source, tmp / f"LICENSE{suffix}")
 
 
 def _is_hub_id(name: str) -> bool:

@@ -244,7 +244,8 @@ class FWPConfig(PreTrainedConfig):
         try:
             self.validate_rope()
         except (KeyError, TypeError) as e:
-            raise ValueError(f"FWPConfig: rope_parameters {params!r} are incomplete: {str(e).strip(chr(34))}.") from None
+            problem = str(e).strip('"')
+            raise ValueError(f"FWPConfig: rope_parameters {params!r} are incomplete: {problem}.") from None
 
     def layer_window(self, layer_type: str) -> int | None:
         """The attention window of a layer kind: ``hybrid_window`` (else ``sliding_window``) for hybrid layers,

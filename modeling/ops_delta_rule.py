@@ -32,8 +32,9 @@ def delta_rule(
         beta: writing strength ``[B, T, H]``, in (0, 1), or (0, 2) to allow negative eigenvalues.
         g: optional per-head log-decay ``[B, T, H]`` (entries <= 0; -inf, a hard reset, and anything below
             ``GATE_FLOOR`` = -80 act as -80, i.e. exp(g) ~ 1.8e-35); None means no decay. The torch backends
-            refuse g > 0 and beta outside [0, 2] with a ValueError; the Triton backend does not read values to check them (that would
-            sync the GPU once per call). NaN inputs give NaN from their token on, as the recurrence does.
+            refuse g > 0 and beta outside [0, 2] with a ValueError; the Triton backend does not read values to
+            check them (that would sync the GPU once per call). NaN inputs give NaN from their token on, as the
+            recurrence does.
         scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size: as in
             :func:`hf_fwp.ops.linear_attention`.
 

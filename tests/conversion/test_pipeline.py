@@ -45,7 +45,8 @@ def test_pipeline_writes_a_loadable_folder_and_resumes(tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
     meta = ModelCard(card).data.to_dict()  # the Hub's parser reads the YAML header
-    assert meta["base_model"] == "tiny-llama" and meta["license"] == "apache-2.0" and "student / teacher perplexity" in card
+    assert meta["base_model"] == "tiny-llama" and meta["license"] == "apache-2.0"
+    assert "student / teacher perplexity" in card
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert meta["tags"][:2] == ["fwp", "hf-fwp"]
     assert "feature map `hedgehog`; layers: 2 x `hybrid_sliding`, window 8" in card  # from the saved config
