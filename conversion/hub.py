@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 # What a model folder written by hf-fwp holds and push uploads, by name (everything else, e.g. checkpoints, a user's
-# notes.txt, credentials.json or own scripts, stays local). Python files: the model's modules (see modeling/).
-# Python files: the model's modules, found from modeling_fwp.py's relative imports (files_to_upload).
+# notes.txt, credentials.json or own scripts, stays local). Python files: the model's modules, found from
+# modeling_fwp.py's relative imports (files_to_upload).
 UPLOAD_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json",
                    "chat_template.jinja", "results.json", "model.safetensors", "model-*-of-*.safetensors",
                    "model.safetensors.index.json", "README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "merges.txt",
-                   "vocab.txt",
-                   "tokenizer.model")
+                   "vocab.txt", "tokenizer.model")
 # A git branch name: no "..", "@{", "//", control characters, spaces or ~^:?*[\; not starting with "-" or ending
 # with "/", "." or ".lock".
 _BRANCH = re.compile(r"(?!-)(?!.*\.\.)(?!.*@\{)(?!.*//)[A-Za-z0-9._/\-]+(?<!\.lock)(?<![./])")
@@ -85,10 +84,15 @@ def _check_weights(model, info: dict, spec: str, role: str) -> None:
         raise ValueError(f"{role} {spec!r} lacks {len(missing)} weight(s) its config needs ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}); transformers would initialise them at random: "
                          "the weights file is incomplete or from another model.")
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = nonfinite_parameters(model)
     if bad:
         raise ValueError(f"{role} {spec!r} has NaN or inf weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): the model is broken (a diverged training run?).")
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of ``model``'s parameters that hold a NaN or an inf."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
 
 
 def teacher_license(spec: str) -> str | dict | None:

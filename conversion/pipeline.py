@@ -241,6 +241,7 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     _check_or_record_inputs(out / "inputs.json", teacher, train_blocks, resume, state.is_main_process)
     clock = out / "minutes.json"  # wall time of earlier sessions of this run (an interrupted run resumes)
     earlier = json.loads(clock.read_text())["minutes"] if resume and clock.exists() else 0.0
+
     def minutes() -> float:
         return earlier + (time.perf_counter() - start) / 60
 
@@ -253,7 +254,9 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
 
 
 def _finite_or_raise(model, what: str) -> None:
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    from hf_fwp.conversion.hub import nonfinite_parameters
+
+    bad = nonfinite_parameters(model)
     if bad:
         raise ValueError(f"{what} diverged: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}); nothing was saved from it. Lower its learning rate.")

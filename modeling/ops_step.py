@@ -77,7 +77,7 @@ def fwp_step(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"fwp_step: backend={backend!r} is not one of ('auto', 'torch', 'triton').")
     scale = check_scale(scale, "fwp_step")
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = K**-0.5 if scale is None else scale
     if backend == "auto":
         backend = "triton" if state.is_cuda and state.dtype == torch.float32 and triton_available() else "torch"
     g = floor_gate(g)  # as the sequence ops do, so that a hard reset (-inf) decodes as it prefills

@@ -101,9 +101,9 @@ def check_inputs(
 
 
 def check_gate_values(beta: torch.Tensor | None, g: torch.Tensor | None, op: str) -> None:
-    """Refuse ``g > 0`` (a growing state, not a decay) and ``beta`` outside [0, 2]. One host sync, so the torch
-    backends call it (they read every value anyway) and the Triton one does not; NaN passes (it propagates
-    causally, as in the recurrence) and so does the skip inside ``torch.compile``."""
+    """Refuse ``g > 0`` (a growing state, not a decay) and ``beta`` outside [0, 2]. A host sync per given tensor,
+    so the torch backends call it (they read every value anyway) and the Triton one does not; NaN passes (it
+    propagates causally, as in the recurrence), and nothing is checked inside ``torch.compile``."""
     if torch.compiler.is_compiling():
         return
     bad_g = g is not None and bool((g > 0).any())
