@@ -49,6 +49,13 @@ class FWPConfig(PreTrainedConfig):
         Caches learn it through transformers' ``per_layer_config``, which this config fills in.
     hybrid_mix_init: initial per-head weight lambda of the FWP branch in hybrid layers,
         ``o = (1 - lambda) * softmax_window + lambda * fwp`` (lambda = sigmoid of a learned logit).
+    hybrid_combine: how hybrid layers join their branches. ``"lerp"``: the mix above, the FWP branch reading every
+        token. ``"shared_normalizer"`` (LoLCATs): the FWP state holds only the tokens that have left the softmax
+        window, and one normaliser weighs both, ``o = ((1 - lambda) * sum_window e^(s - m) v + lambda * sum_older
+        phi(q) phi(k) v) / ((1 - lambda) * sum_window e^(s - m) + lambda * sum_older phi(q) phi(k))`` (m: the
+        query's largest window score), so tokens inside the window are read exactly once, by softmax. Needs
+        ``normalize_attention`` (non-negative features, linear rules) and no output norm; decoding keeps the last
+        window's FWP writes in a second cache state until they leave the window.
     fwp_backend / chunk_size: op backend (``"auto"``: Triton on CUDA, chunked torch elsewhere) and chunk length.
 
     Backbone: ``norm_type`` (``"rms"``/``"layer"``), ``mlp_type`` (``"gated"`` SwiGLU-style / ``"plain"``),
@@ -103,6 +110,7 @@ class FWPConfig(PreTrainedConfig):
     normalize_attention: bool = False
     fwp_scale: float | None = None
     hybrid_mix_init: float = 0.1
+    hybrid_combine: str = "lerp"
     fwp_backend: str = "auto"
     chunk_size: int = 64
 
@@ -151,6 +159,7 @@ class FWPConfig(PreTrainedConfig):
         _choice("fwp_backend", self.fwp_backend, ("auto", "naive", "chunk", "triton"))
         _choice("fwp_state_heads", self.fwp_state_heads, ("query", "kv"))
         _choice("conv_activation", self.conv_activation, (None, "silu"))
+        _choice("hybrid_combine", self.hybrid_combine, ("lerp", "shared_normalizer"))
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "vocab_size", "intermediate_size", "chunk_size", "max_position_embeddings"):
             _positive_int(name, getattr(self, name))
@@ -225,6 +234,14 @@ class FWPConfig(PreTrainedConfig):
             raise ValueError(f"FWPConfig: conv_size must be an int >= 2 with use_short_conv, got {self.conv_size!r}.")
         if not 0.0 < self.hybrid_mix_init < 1.0:
             raise ValueError(f"FWPConfig: hybrid_mix_init must be in (0, 1), got {self.hybrid_mix_init}.")
+        if self.hybrid_combine == "shared_normalizer":
+            if "hybrid_sliding" not in self.layer_types:
+                raise ValueError("FWPConfig: hybrid_combine='shared_normalizer' joins the branches of hybrid_sliding "
+                                 "layers, but layer_types has none; use 'lerp' (the default) or add hybrid layers.")
+            if not self.normalize_attention or self.use_output_norm:
+                raise ValueError("FWPConfig: hybrid_combine='shared_normalizer' shares the softmax normaliser with "
+                                 "the FWP's own denominator: set normalize_attention=True (a linear rule with "
+                                 "non-negative features) and use_output_norm=False.")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"FWPConfig: RoPE needs an even head_dim, got {self.head_dim}.")
 
@@ -258,6 +275,12 @@ class FWPConfig(PreTrainedConfig):
     @property
     def fwp_gated(self) -> bool:
         return self.fwp_rule in ("gated_linear", "gated_delta")
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """States per cache layer (transformers reads this name): shared-normaliser hybrids keep the FWP writes of
+        the last window (state 1) beside the fast weights (state 0)."""
+        return 2 if self.hybrid_combine == "shared_normalizer" else 1
 
     @property
     def fwp_delta(self) -> bool:

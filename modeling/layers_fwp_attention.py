@@ -1,7 +1,7 @@
 """The FWP layer: projections, short conv, feature maps, beta / decay gates, the FWP op, output norm and gate.
 
 One class for every rule (``config.fwp_rule``); with ``hybrid=True`` the same q/k/v also feed a sliding-window
-softmax branch and the two outputs are mixed per head (LoLCATs-style hybrid, one layer).
+softmax branch, joined to the FWP per head by a mix or by one shared normaliser (``config.hybrid_combine``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,31 @@ def read_fwp_state(cache, layer_idx: int):
     S = layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
     conv = layer.conv_states[0] if layer.is_conv_states_initialized[0] else None
     return S, conv
+
+
+def read_write_delay(cache, layer_idx: int, writes: torch.Tensor, window: int) -> torch.Tensor:
+    """The FWP writes a shared-normaliser hybrid layer applies now: each token's write waits ``window`` tokens.
+
+    ``writes [B, T, Hs, F]`` (float32, or float64) are the new tokens' packed writes; the cache (state 1 of the layer, a fixed
+    ``[B, window, Hs, F]`` buffer updated in place) holds the last ``window`` tokens' writes, zeros (no-op writes)
+    before the first. Returns ``[B, T, Hs, F]``: the writes of the tokens ``window`` positions before the new ones.
+    """
+    B, T, Hs, F_ = writes.shape
+    layer = None if cache is None else cache.layers[layer_idx]
+    if layer is not None and getattr(layer, "number_of_states", 1) < 2:
+        raise ValueError("This cache has one state per layer, but shared-normaliser hybrid layers need two (their "
+                         "delayed FWP writes): build it from the model's config (FWPCache(config), "
+                         "DynamicCache(config=config) or StaticCache(config=config, ...)).")
+    if layer is not None and layer.is_recurrent_states_initialized[1]:
+        waiting = layer.recurrent_states[1]
+    else:
+        waiting = writes.new_zeros(B, window, Hs, F_)
+    seq = torch.cat([waiting, writes], dim=1)
+    if layer is not None:
+        if not layer.is_recurrent_states_initialized[1]:
+            layer.lazy_initialization(recurrent_states=waiting, state_idx=1)
+        layer.recurrent_states[1].copy_(seq[:, T:].detach())
+    return seq[:, :T]
 
 
 def write_fwp_state(cache, layer_idx: int, S: torch.Tensor | None, conv: torch.Tensor | None) -> None:
@@ -86,6 +111,8 @@ class FWPAttention(QKVProjections):
             self.o_norm = GatedRMSNorm(D, config.rms_norm_eps)
         if config.use_output_gate:
             self.g_proj = nn.Linear(config.hidden_size, H * D, bias=False)
+        # Shared-normaliser hybrids: the FWP reads only tokens older than the window, weighed with softmax's mass.
+        self.shared_normalizer = hybrid and config.hybrid_combine == "shared_normalizer"
         if hybrid:
             self.softmax = SoftmaxBranch(config, layer_idx, config.layer_window("hybrid_sliding"))
             self.mix_logit = nn.Parameter(torch.zeros(H))
@@ -146,7 +173,9 @@ class FWPAttention(QKVProjections):
         fq, fk = self.feature_map_q(fq), self.feature_map_k(fk)
         # Decoding: one token into the cached state, updated in place by a single fused step (no state copies).
         step = T == 1 and S0 is not None and not torch.is_grad_enabled()
-        if self.config.qk_l2norm and not step:
+        # The step L2-normalises inside its kernel, except where the keys are written a window later.
+        norm_in_step = step and not self.shared_normalizer
+        if self.config.qk_l2norm and not norm_in_step:
             fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
         beta = g = None
         if "b_proj" in mods:
@@ -159,12 +188,14 @@ class FWPAttention(QKVProjections):
             fk, fv = fk * pad[..., None, None], fv * pad[..., None, None]
             beta = None if beta is None else beta * pad[..., None]
             g = None if g is None else g * pad[..., None]
+        if self.shared_normalizer:
+            fk, fv, g = self._delayed(fk, fv, g, cache)
         scale = self.config.fwp_scale if self.config.fwp_scale is not None else self.feat_dim**-0.5
         if step:
             # The step has torch and Triton backends: the sequence ops' torch paths (naive, chunk) map to torch.
             backend = {"naive": "torch", "chunk": "torch"}.get(self.config.fwp_backend, self.config.fwp_backend)
-            o, S = fwp_step(fq, fk, fv, S0, beta=beta, g=g, scale=scale, qk_l2norm=self.config.qk_l2norm,
-                            backend=backend), None
+            o, S = fwp_step(fq, fk, fv, S0, beta=beta, g=g, scale=scale,
+                            qk_l2norm=self.config.qk_l2norm and norm_in_step, backend=backend), None
         else:
             G = H // Hs
             if G > 1:
@@ -180,15 +211,33 @@ class FWPAttention(QKVProjections):
                 o, S = delta_rule(fq, fk, fv, beta.to(fq.dtype), **kwargs)
             if G > 1 and S is not None:
                 S = S[:, ::G].contiguous()
-        if self.config.normalize_attention:
+        if self.config.normalize_attention and not self.shared_normalizer:
             o = o[..., :D] / o[..., D:].clamp_min(1e-6)
         if "o_norm" in mods:
             gate = self.g_proj(x).view(B, T, H, D) if "g_proj" in mods else None
             o = self.o_norm(o, gate)
         if cache is not None:
             write_fwp_state(cache, self.layer_idx, S, conv_state)
-        if "softmax" in mods:
+        if self.shared_normalizer:
+            o_soft, mass = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
+                                        key_mask=attention_mask, mask=mask, with_mass=True)
+            lam = torch.sigmoid(self.mix_logit.to(mass.dtype))
+            w_soft = (1 - lam) * mass  # [B, T, H]; >= 1 - lam > 0, so the division below is safe
+            num = w_soft[..., None] * o_soft.to(mass.dtype) + lam[:, None] * o[..., :D].to(mass.dtype)
+            o = (num / (w_soft + lam * o[..., D].to(mass.dtype))[..., None]).to(x.dtype)
+        elif "softmax" in mods:
             o_soft = self.softmax(q, k, v, position_embeddings=position_embeddings, cache=cache, past=past,
                                   key_mask=attention_mask, mask=mask)
             o = torch.lerp(o_soft, o, torch.sigmoid(self.mix_logit).to(o.dtype)[:, None])  # (1 - lam) soft + lam fwp
         return self.o_proj(o.reshape(B, T, H * D))
+
+    def _delayed(self, fk, fv, g, cache):
+        """Shared-normaliser hybrids: the FWP writes of the tokens ``window`` positions back (zeros before the
+        first token), so that at token t the state holds tokens ``<= t - window`` and the softmax window the rest.
+        ``fk [B, T, Hs, K]``, ``fv [B, T, Hs, V + 1]``, ``g [B, T, Hs]`` or None -> the same shapes."""
+        K, V1 = fk.shape[-1], fv.shape[-1]
+        dt = torch.promote_types(fk.dtype, torch.float32)  # bf16 writes wait exactly, float64 ones too (tests)
+        parts = [fk.to(dt), fv.to(dt)] + ([] if g is None else [g.to(dt)[..., None]])
+        d = read_write_delay(cache, self.layer_idx, torch.cat(parts, dim=-1), self.softmax.window)
+        return (d[..., :K].to(fk.dtype), d[..., K:K + V1].to(fv.dtype),
+                None if g is None else d[..., K + V1].to(g.dtype))

@@ -35,7 +35,8 @@ def attention_allowed(B: int, T: int, L: int, *, past, kv_offset, window: int | 
 
 
 def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch.Tensor | None,
-                      kv_offset: int | None = None, mask: torch.Tensor | None = None, dropout: float = 0.0):
+                      kv_offset: int | None = None, mask: torch.Tensor | None = None, dropout: float = 0.0,
+                      with_mass: bool = False):
     """Causal softmax attention over cached keys.
 
     q ``[B, Hq, T, D]`` are the tokens at positions ``past .. past + T - 1``; k, v ``[B, Hkv, L, D]`` are the
@@ -43,34 +44,71 @@ def softmax_attention(q, k, v, *, past: int, window: int | None, key_mask: torch
     them). ``key_mask`` ``[B, past + T]`` marks real (1) vs padding (0) tokens; ``window`` w lets query t see keys in
     ``(t - w, t]``. ``mask``, when given, is a ready bool ``[B, 1, T, L]`` mask (built outside a compiled decode
     step by :func:`attention_allowed`) and replaces all of that. Returns ``[B, T, Hq, D]``.
+
+    ``with_mass=True`` also returns each query's softmax mass relative to its largest score,
+    ``sum_j exp(s_j - max_j s_j)`` ``[B, T, Hq]`` (float32, in ``[1, L]``): what a hybrid layer with a shared
+    normaliser (LoLCATs) weighs the window against the FWP branch with. SDPA does not report it, so that path
+    computes the scores itself (same masks, no dropout).
     """
     B, Hq, T, D = q.shape
     L = k.shape[2]
     sdpa = dict(dropout_p=dropout, enable_gqa=Hq != k.shape[1])  # grouped heads without copying k and v
+    attend = _attention_with_mass if with_mass else (
+        lambda q, k, v, allowed: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **sdpa))
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa).transpose(1, 2)
+        return _heads_second(attend(q, k, v, mask))
     last_keys = kv_offset is None or kv_offset + L == past + T
     if kv_offset is None:
         kv_offset = past + T - L
     if key_mask is None and last_keys and ((window is None and L == T) or (T == 1 and (window is None or L <= window))):
         # Plain causal attention over the last keys, or a decoded token that sees all of them: no mask to build.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **sdpa).transpose(1, 2)
+        if not with_mass:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **sdpa).transpose(1, 2)
+        allowed = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        return _heads_second(attend(q, k, v, allowed))
     if window is not None and T > window and L - T < window and last_keys:
         key_mask = None if key_mask is None else key_mask[:, -L:]
-        return _banded_attention(q, k, v, window=window, key_mask=key_mask, dropout=dropout)
+        return _banded_attention(q, k, v, window=window, key_mask=key_mask, attend=attend)
     allowed = attention_allowed(B, T, L, past=past, kv_offset=kv_offset, window=window, key_mask=key_mask,
                                 device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **sdpa).transpose(1, 2)
+    return _heads_second(attend(q, k, v, allowed))
 
 
-def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dropout: float):
+def _heads_second(out):
+    """``[B, H, T, D]`` (and mass ``[B, H, T]``) -> ``[B, T, H, D]`` (and ``[B, T, H]``)."""
+    if isinstance(out, tuple):
+        return out[0].transpose(1, 2), out[1].transpose(1, 2)
+    return out.transpose(1, 2)
+
+
+def _attention_with_mass(q, k, v, allowed):
+    """Masked softmax attention that also returns the mass of each query's weights relative to its largest one.
+
+    q ``[..., Hq, T, D]``, k, v ``[..., Hkv, L, D]`` (query head h reads key/value head ``h // (Hq // Hkv)``, as
+    SDPA's ``enable_gqa``), ``allowed`` bool, broadcastable to ``[..., 1, T, L]`` (every query sees at least one
+    key). Returns ``o [..., Hq, T, D]`` (q's dtype) and ``mass [..., Hq, T]`` (float32, or float64 for float64 q).
+    """
+    Hq, T, D = q.shape[-3:]
+    Hkv = k.shape[-3]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(dt).unflatten(-3, (Hkv, Hq // Hkv))  # [..., Hkv, G, T, D]
+    s = (qg @ k.to(dt).unsqueeze(-3).transpose(-1, -2)) * D**-0.5  # [..., Hkv, G, T, L]
+    s = s.masked_fill(~allowed.unsqueeze(-3), float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    mass = p.sum(-1)
+    o = (p @ v.to(dt).unsqueeze(-3)) / mass[..., None]
+    return o.flatten(-4, -3).to(q.dtype), mass.flatten(-3, -2)
+
+
+def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, attend):
     """Sliding-window attention in blocks of ``window`` queries: block b sees only the 2 * window keys that end
     with it, so the cost is O(T * window) instead of O(T * L) for a masked full product.
 
     Shapes as in :func:`softmax_attention` (grouped-query k/v heads are read in place by SDPA's ``enable_gqa``, not
     copied per query head); the last T of the L keys belong to the queries and the ``L - T < window`` before them
     are cached. Query i of a block and key j of its key block (which starts ``window`` positions before the query
-    block) are allowed when ``i < j <= i + window``.
+    block) are allowed when ``i < j <= i + window``. ``attend(q, k, v, allowed)`` attends one batch of blocks
+    (SDPA, or :func:`_attention_with_mass`, whose mass comes back ``[B, T, H]``).
     """
     B, H, T, D = q.shape
     L, w = k.shape[2], window
@@ -95,9 +133,10 @@ def _banded_attention(q, k, v, *, window: int, key_mask: torch.Tensor | None, dr
         km = km.unfold(2, 2 * w, w)[:, 0, :NB, 0]  # [B, NB, 2w]
         # A padding query would see no key at all (softmax of nothing is NaN): let every query see itself.
         allowed = (allowed & km[:, :, None, :]) | (j == i + w)[None, None]
-    o = F.scaled_dot_product_attention(qb, blocks(k), blocks(v), attn_mask=allowed[:, :, None], dropout_p=dropout,
-                                       enable_gqa=k.shape[1] != H)
-    return o.transpose(2, 3).reshape(B, NB * w, H, D)[:, :T]  # [B, NB, H, w, D] -> [B, T, H, D]
+    out = attend(qb, blocks(k), blocks(v), allowed[:, :, None])
+    o, mass = out if isinstance(out, tuple) else (out, None)
+    o = o.transpose(2, 3).reshape(B, NB * w, H, D)[:, :T]  # [B, NB, H, w, D] -> [B, T, H, D]
+    return o if mass is None else (o, mass.transpose(2, 3).reshape(B, NB * w, H)[:, :T])
 
 
 class QKVProjections(nn.Module):
@@ -132,9 +171,10 @@ class SoftmaxBranch(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, q, k, v, *, position_embeddings, cache, past, key_mask, mask=None):
-        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` -> ``[B, T, H, D]``. ``key_mask`` ``[B, past + T]`` or None;
-        ``mask`` a ready 4-D mask for the keys the cache returns (then ``past`` and ``key_mask`` are unused)."""
+    def forward(self, q, k, v, *, position_embeddings, cache, past, key_mask, mask=None, with_mass=False):
+        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` -> ``[B, T, H, D]`` (and the mass ``[B, T, H]`` with
+        ``with_mass``, see :func:`softmax_attention`). ``key_mask`` ``[B, past + T]`` or None; ``mask`` a ready 4-D
+        mask for the keys the cache returns (then ``past`` and ``key_mask`` are unused)."""
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -148,7 +188,7 @@ class SoftmaxBranch(nn.Module):
                 kv_offset = cache.get_mask_sizes(q.shape[2], self.layer_idx)[1]
             k, v = cache.update(k, v, self.layer_idx)
         return softmax_attention(q, k, v, past=past, window=self.window, key_mask=key_mask, kv_offset=kv_offset,
-                                 mask=mask, dropout=self.dropout if self.training else 0.0)
+                                 mask=mask, dropout=self.dropout if self.training else 0.0, with_mass=with_mass)
 
 
 class SoftmaxAttention(QKVProjections):
