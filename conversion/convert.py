@@ -88,6 +88,9 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     # Kept sliding layers keep the source's window; hybrid layers get their own (FWPConfig.hybrid_window).
     kept_window = getattr(src, "sliding_window", None) if "sliding_attention" in types else None
     hybrid_window = sliding_window if "hybrid_sliding" in types else None
+    if "hybrid_sliding" not in types and fwp_options.get("hybrid_combine") == "shared_normalizer":
+        # A Recipe's hybrid default with a keep-everything spec (every:1, a full list): no hybrid layer to join.
+        fwp_options = {k: v for k, v in fwp_options.items() if k != "hybrid_combine"}
     unknown = sorted(set(fwp_options) - set(FWPConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"convert: unknown FWPConfig options {unknown}.")

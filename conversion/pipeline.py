@@ -38,6 +38,9 @@ class RecipeError(ValueError):
 
 # The softmax window of hybrid layers when a Recipe names none (LoLCATs' choice, kept by our own measurements).
 DEFAULT_WINDOW = 64
+# How hybrid layers join softmax and FWP when a Recipe names nothing (FWPConfig.hybrid_combine), for the rules and
+# feature maps that can share softmax's normaliser (linear rules with non-negative features); the rest mix ("lerp").
+DEFAULT_COMBINE = "lerp"
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Recipe:
     keep_softmax: str | int | list = "none"
     fwp_layer_type: str = "hybrid_sliding"
     sliding_window: int | None = None  # hybrid_sliding: None means DEFAULT_WINDOW; linear_attention: must be None
+    hybrid_combine: str | None = None  # hybrid_sliding: None means DEFAULT_COMBINE where the rule allows it
     fwp_state_heads: str = "kv"
     fwp_options: dict = field(default_factory=dict)
     block_size: int = 256
@@ -107,6 +111,16 @@ class Recipe:
              "None with fwp_layer_type='linear_attention' (it is the window of hybrid_sliding layers; kept softmax "
              "layers keep the teacher's own)")
         need(self.fwp_state_heads in ("query", "kv"), "fwp_state_heads", "'query' or 'kv'")
+        # A shared normaliser needs the linear-attention denominator, which convert_options() sets for these.
+        shareable = (self.fwp_layer_type == "hybrid_sliding" and self.fwp_rule in ("linear", "gated_linear")
+                     and self.feature_map not in ("identity", "silu") and "qk_l2norm" not in self.fwp_options)
+        if self.hybrid_combine is None:
+            self.hybrid_combine = DEFAULT_COMBINE if shareable else "lerp"
+        need(self.hybrid_combine in ("lerp", "shared_normalizer"), "hybrid_combine",
+             "None, 'lerp' or 'shared_normalizer'")
+        need(self.hybrid_combine == "lerp" or shareable, "hybrid_combine",
+             "'lerp' here: 'shared_normalizer' needs hybrid_sliding layers with a linear rule ('linear', "
+             "'gated_linear') and a non-negative feature map (e.g. hedgehog, t2r, elu_plus_one)")
         def keep_spec(keep) -> bool:
             if isinstance(keep, str):
                 return keep in ("all", "none")
@@ -134,7 +148,7 @@ class Recipe:
         need(number(self.ce_weight) and 0 <= self.ce_weight < math.inf, "ce_weight", "a finite number >= 0")
         need(isinstance(self.fwp_options, dict), "fwp_options", "a dict of FWPConfig fields")
         own = sorted(set(self.fwp_options) & {"fwp_rule", "feature_map", "fwp_state_heads", "keep_softmax",
-                                              "fwp_layer_type", "sliding_window"})
+                                              "fwp_layer_type", "sliding_window", "hybrid_combine"})
         need(not own, "fwp_options", f"other FWPConfig fields than Recipe's own ({', '.join(own)}: set those as "
              "Recipe fields)")
         if (self.fwp_layer_type == "hybrid_sliding" and self.sliding_window is not None
@@ -150,6 +164,8 @@ class Recipe:
         if self.feature_map not in ("identity", "silu") and "qk_l2norm" not in opts and self.fwp_rule in (
                 "linear", "gated_linear"):
             opts.update(qk_l2norm=False, normalize_attention=True)
+        if self.fwp_layer_type == "hybrid_sliding":
+            opts.update(hybrid_combine=self.hybrid_combine)
         return dict(keep_softmax=self.keep_softmax, fwp_layer_type=self.fwp_layer_type,
                     sliding_window=self.sliding_window, **opts)
 
@@ -388,6 +404,7 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
         # Runs recorded before these Recipe fields existed: one state per query head, default precision.
         stored = {"fwp_state_heads": "query", "precision": "auto", "gradient_checkpointing": False,
                   **json.loads(path.read_text())}
+        stored.setdefault("hybrid_combine", "lerp")  # runs recorded before hybrid layers could share a normaliser
         if stored.get("fwp_layer_type") == "linear_attention":
             stored["sliding_window"] = None  # earlier Recipes carried an unused window for pure FWP layouts
         changed = {k: (stored.get(k), v) for k, v in current.items() if k != "save_steps" and stored.get(k) != v}
@@ -439,6 +456,8 @@ def model_card(result: dict, base_model: str | None, config, license: str | dict
     layout = ", ".join(f"{n} x `{t}`" for t, n in Counter(config.layer_types).items())
     window = config.layer_window("hybrid_sliding") or config.layer_window("sliding_attention")
     window = f", window {window}" if window else ""
+    if "hybrid_sliding" in config.layer_types and config.hybrid_combine == "shared_normalizer":
+        window += ", softmax and FWP under one normaliser"
     terms = {k: v for k, v in license.items() if k != "license_file"} if isinstance(license, dict) else {
         "license": license}
     # Only single-token licence ids and Hub repository ids are metadata (a local teacher path is named in the text).

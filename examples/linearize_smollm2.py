@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 import hf_fwp  # noqa: F401  (registers the FWP Auto classes for the reload check)
 from hf_fwp.conversion.corpus import offline_corpus, stdlib_corpus
 from hf_fwp.conversion.data import pack
-from hf_fwp.conversion.evaluate import report
+from hf_fwp.conversion.evaluate import report, score_pair
 from hf_fwp.conversion.hub import load_teacher, teacher_license
 from hf_fwp.conversion.pipeline import Recipe, run
 
@@ -66,6 +66,10 @@ def main():
     ap.add_argument("--stage1-steps", type=int, default=100)
     ap.add_argument("--stage2-steps", type=int, default=220)
     ap.add_argument("--eval-blocks", type=int, default=32, help="blocks per held-out set")
+    ap.add_argument("--long-block-size", type=int, default=1024,
+                    help="also score every held-out set on blocks this long (0: skip), where the FWP branch carries "
+                    "most of the context; students are trained on --block-size blocks")
+    ap.add_argument("--long-eval-blocks", type=int, default=8, help="long blocks per held-out set")
     ap.add_argument("--corpus", choices=["offline", "stdlib"], default="offline",
                     help="training and held-out text (see the module docstring)")
     ap.add_argument("--out", type=Path, default=Path("outputs/smollm2"))
@@ -74,6 +78,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.block_size, args.stage1_steps, args.stage2_steps, args.eval_blocks = 64, 2, 2, 4
+        args.long_block_size, args.long_eval_blocks = 128, 2
     t0 = time.perf_counter()
     teacher, tokenizer = load_teacher(str(smollm2_gguf()))
     license = teacher_license(str(smollm2_gguf()))  # the GGUF's general.license: the student inherits it
@@ -94,6 +99,11 @@ def main():
         held[kind] = blocks.select(range(min(len(blocks), args.eval_blocks)))
     print(f"data: {len(train)} training blocks; held out: "
           + ", ".join(f"{kind} {len(b)}" for kind, b in held.items()) + f" blocks of {args.block_size} tokens")
+    long_held = {}
+    if args.long_block_size:
+        for kind, text in held_texts.items():
+            blocks = pack(text, tokenizer, args.long_block_size)
+            long_held[kind] = blocks.select(range(min(len(blocks), args.long_eval_blocks)))
     rows = []
     for name in args.recipes:
         recipe = replace(RECIPES[name], block_size=args.block_size, batch_size=args.batch_size,
@@ -106,6 +116,17 @@ def main():
         print(result["transfer"]["table"])
         print(report(result))
         reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+        long_cells = []
+        if long_held:
+            on = reloaded.to(next(teacher.parameters()).device)  # where run() left the teacher (the GPU if any)
+            scores = [score_pair(teacher, on, b, batch_size=2) for b in long_held.values()]
+            reloaded.cpu()
+            mean = sum(r["ratio"] for r in scores) / len(scores)
+            agree = sum(r["agreement"] for r in scores) / len(scores)
+            print(f"on {args.long_block_size}-token blocks: student / teacher perplexity "
+                  + ", ".join(f"{k} {r['ratio']:.3f}" for k, r in zip(long_held, scores))
+                  + f"; mean {mean:.3f}, next-token agreement {agree:.1%}")
+            long_cells = [f"{mean:.3f}", f"{agree:.1%}"]
         ids = torch.tensor(next(iter(held.values()))["input_ids"][:1])
         student = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
         with torch.no_grad():
@@ -113,10 +134,13 @@ def main():
         print(f"reloaded {out / 'model'} with AutoModelForCausalLM (also as remote code): logits identical = {same}")
         rows.append([name, result["tokens_seen"], f"{result['minutes']:.1f}"]
                     + [f"{r['ratio']:.3f}" for r in result["sets"].values()]
-                    + [f"**{result['ratio']:.3f}**", f"{result['agreement']:.1%}"])
+                    + [f"**{result['ratio']:.3f}**", f"{result['agreement']:.1%}"] + long_cells)
     kinds = list(held)
+    long_head = (f" mean ratio @{args.long_block_size} | agreement @{args.long_block_size} |"
+                 if long_held else "")
     table = ["| recipe | tokens | minutes | " + " | ".join(f"ratio: {k}" for k in kinds)
-             + " | mean ratio | next-token agreement |", "|---" * (len(kinds) + 5) + "|"]
+             + " | mean ratio | next-token agreement |" + long_head,
+             "|---" * (len(kinds) + 5 + 2 * bool(long_held)) + "|"]
     table += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     print("\n" + "\n".join(table))
     (args.out / "results.md").write_text("\n".join(table) + "\n")

@@ -102,6 +102,11 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-heads", default=d.fwp_state_heads, choices=["query", "kv"],
                    help="one fast-weight state per query head, or per key/value head shared by its query group "
                    "(a smaller decode cache for grouped-query teachers) (default: %(default)s)")
+    g.add_argument("--hybrid-combine", default=None, choices=["lerp", "shared_normalizer"],
+                   help="how hybrid_sliding layers join their branches: shared_normalizer (LoLCATs: the FWP reads "
+                   "only tokens older than the window, one softmax normaliser over both; linear rules with "
+                   "non-negative features) or lerp (a per-head mix, the FWP reading every token) (default: "
+                   f"{d.hybrid_combine} for the default rule, lerp where shared_normalizer cannot apply)")
 
 
 def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
@@ -131,7 +136,8 @@ def _recipe_from(args):
 
     try:
         return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
-                      fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads)
+                      fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads,
+                      hybrid_combine=args.hybrid_combine)
     except RecipeError as e:
         raise _flag_error(e) from None
 
@@ -155,7 +161,8 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
     given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, d.fwp_rule),
                                                ("--feature-map", args.feature_map, d.feature_map),
                                                ("--layer-type", args.layer_type, d.fwp_layer_type),
-                                               ("--state-heads", args.state_heads, d.fwp_state_heads))
+                                               ("--state-heads", args.state_heads, d.fwp_state_heads),
+                                               ("--hybrid-combine", args.hybrid_combine, None))
              if value != default]
     if "linear_attention" not in types and "hybrid_sliding" not in types and given:
         raise CLIError(f"--keep-softmax {args.keep_softmax} keeps all {n} layers of this teacher softmax, so "

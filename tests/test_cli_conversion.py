@@ -50,6 +50,7 @@ def test_cli_defaults_are_the_recommended_recipe(teacher_dir, capsys):
     config, recipe = FWPConfig.from_pretrained(out), Recipe()
     assert (config.fwp_rule, config.feature_map) == (recipe.fwp_rule, recipe.feature_map)
     assert config.layer_types == [recipe.fwp_layer_type] * 2 and config.sliding_window == recipe.sliding_window
+    assert config.hybrid_combine == recipe.hybrid_combine
     # A pure layout takes no window; a window is a positive number of tokens.
     pure = teacher_dir / "pure"
     assert main(["convert", str(teacher_dir / "teacher"), str(pure), "--layer-type", "linear_attention"]) == 0
@@ -61,6 +62,15 @@ def test_cli_defaults_are_the_recommended_recipe(teacher_dir, capsys):
     assert "--window sets the window of hybrid_sliding layers" in capsys.readouterr().err
     assert main(["convert", str(teacher_dir / "teacher"), fresh, "--window", "0"]) == 2
     assert "positive number of tokens" in capsys.readouterr().err
+    # Both ways of joining a hybrid layer's branches; a shared normaliser needs a linear rule.
+    for combine in ("lerp", "shared_normalizer"):
+        folder = teacher_dir / combine
+        assert main(["convert", str(teacher_dir / "teacher"), str(folder), "--hybrid-combine", combine]) == 0
+        assert FWPConfig.from_pretrained(folder).hybrid_combine == combine
+    capsys.readouterr()
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--rule", "gated_delta", "--feature-map",
+                 "identity", "--hybrid-combine", "shared_normalizer"]) == 2
+    assert "--hybrid-combine must be 'lerp' here: 'shared_normalizer' needs" in capsys.readouterr().err
     assert not (teacher_dir / "never-written").exists()
     with pytest.raises(SystemExit):
         main(["convert", "--help"])

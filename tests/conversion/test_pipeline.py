@@ -208,3 +208,20 @@ def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path
     assert teacher.dtype == torch.bfloat16 and math.isfinite(result["ratio"]) and result["ratio"] < 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").dtype == torch.float32
 
+
+
+def test_recipe_picks_how_hybrid_layers_join_their_branches():
+    # None: the default where a shared normaliser can apply, else the mix; an impossible choice is refused early.
+    assert pipeline.Recipe().hybrid_combine == pipeline.DEFAULT_COMBINE
+    assert pipeline.Recipe(fwp_rule="gated_delta", feature_map="identity").hybrid_combine == "lerp"
+    assert pipeline.Recipe(fwp_layer_type="linear_attention").hybrid_combine == "lerp"
+    assert "hybrid_combine" not in pipeline.Recipe(fwp_layer_type="linear_attention").convert_options()
+    shared = pipeline.Recipe(hybrid_combine="shared_normalizer").convert_options()
+    assert shared["hybrid_combine"] == "shared_normalizer" and shared["normalize_attention"]
+    for bad in (dict(fwp_rule="delta", feature_map="identity", hybrid_combine="shared_normalizer"),
+                dict(fwp_layer_type="linear_attention", hybrid_combine="shared_normalizer"),
+                dict(hybrid_combine="shared")):
+        with pytest.raises(pipeline.RecipeError, match="hybrid_combine"):
+            pipeline.Recipe(**bad)
+    with pytest.raises(pipeline.RecipeError, match="Recipe's own"):
+        pipeline.Recipe(fwp_options={"hybrid_combine": "lerp"})
