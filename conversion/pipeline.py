@@ -231,12 +231,12 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     student = batches = None
     if not resumed_stage1:
         # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
-        for name, blocks in {"training": train_blocks, **{f"held-out {k!r}": v for k, v in eval_sets.items()}}.items():
-            length = len(blocks["input_ids"][0]) if len(blocks) else recipe.block_size
-            if length != recipe.block_size:
-                raise ValueError(f"the {name} blocks hold {length} tokens but the recipe's block_size is "
-                                 f"{recipe.block_size}: pack them with block_size={recipe.block_size}, or set "
-                                 f"Recipe(block_size={length}).")
+        # Held-out sets may be longer or shorter than the training blocks (a student is worth scoring beyond them).
+        length = len(train_blocks["input_ids"][0]) if len(train_blocks) else recipe.block_size
+        if length != recipe.block_size:
+            raise ValueError(f"the training blocks hold {length} tokens but the recipe's block_size is "
+                             f"{recipe.block_size}: pack them with block_size={recipe.block_size}, or set "
+                             f"Recipe(block_size={length}).")
         student = convert(teacher, **recipe.convert_options()).float()
         modules = {n.rsplit(".", 1)[-1] for n, _ in student.named_modules()}
         missing = [t for t in recipe.lora_targets if t not in modules]
@@ -247,6 +247,10 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         if limit is not None and recipe.block_size > limit:
             raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
                              "learned position table: use a block size <= that.")
+        for name, blocks in eval_sets.items():
+            if limit is not None and len(blocks["input_ids"][0]) > limit:
+                raise ValueError(f"held-out set {name!r} has blocks of {len(blocks['input_ids'][0])} tokens, more "
+                                 f"than the {limit} positions of the teacher's learned position table.")
         trainable_fwp_parameters(student)
         batches = _batches(train_blocks, recipe.batch_size)
         if not batches:

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_fwp.conversion import pipeline
+from hf_fwp.conversion import evaluate, pipeline
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.trainer import DistillationTrainer
 from tests.conversion.test_stage2 import TEXT, _tokenizer
@@ -125,6 +125,14 @@ def test_blocks_that_do_not_fit_the_recipe_and_unknown_lora_targets_are_refused_
     tok, teacher, train, held_out, recipe = _setup()
     with pytest.raises(ValueError, match="blocks hold 16 tokens but the recipe's block_size is 32"):
         pipeline.run(teacher, tok, train, held_out, replace(recipe, block_size=32), tmp_path / "a", progress=False)
+    # Held-out blocks may have another length than the training blocks, but not beyond learned positions.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
+    long_held = pack(Dataset.from_dict({"text": TEXT.splitlines()}), tok, block_size=32)
+    with pytest.raises(ValueError, match="'long' has blocks of 32 tokens, more than the 16 positions"):
+        pipeline.run(gpt2, tok, train, {"long": long_held}, recipe, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match=r"lora_targets \['nope'\] name no module"):
         pipeline.run(teacher, tok, train, held_out, replace(recipe, lora_targets=("q_proj", "nope")), tmp_path / "b",
                      progress=False)
@@ -225,3 +233,16 @@ def test_recipe_picks_how_hybrid_layers_join_their_branches():
             pipeline.Recipe(**bad)
     with pytest.raises(pipeline.RecipeError, match="Recipe's own"):
         pipeline.Recipe(fwp_options={"hybrid_combine": "lerp"})
+
+
+def test_held_out_sets_may_be_longer_than_the_training_blocks(tmp_path):
+    from dataclasses import replace
+
+    tok, teacher, train, held_out, recipe = _setup()
+    long_held = pack(Dataset.from_dict({"text": TEXT.splitlines()}), tok, block_size=32)
+    result = pipeline.run(teacher, tok, train, {"short": held_out, "long": long_held},
+                          replace(recipe, stage1_steps=1, stage2_steps=1), tmp_path / "run", progress=False)
+    assert set(result["sets"]) == {"short", "long"}
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    expected = evaluate.score_pair(teacher, student, long_held)
+    assert result["sets"]["long"]["ratio"] == pytest.approx(expected["ratio"], rel=1e-5)
