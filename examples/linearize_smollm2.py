@@ -34,15 +34,15 @@ from hf_fwp.conversion.pipeline import Recipe, run
 
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
-    # The layer layout is explicit: Recipe()'s defaults are the hybrid's (a 64-token softmax window in every layer).
+    # The layer layout is explicit: Recipe()'s defaults are the hybrid's (a softmax window in every layer).
     "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity", fwp_layer_type="linear_attention",
                           sliding_window=None),
     # Pure FWP with something to learn in attention transfer: a Hedgehog map (starts at softmax([x, -x])) before
     # the L2 norm, so stage 1 can shape the keys' similarities instead of fitting only gates and beta.
     "gated_delta_hedgehog": Recipe(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention",
                                    sliding_window=None),
-    # LoLCATs-style: every layer mixes a 64-token softmax window with Hedgehog linear attention.
-    "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64),
+    # LoLCATs-style: every layer mixes a softmax window (Recipe()'s: 128 tokens) with Hedgehog linear attention.
+    "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding"),
     # The same with one FWP state per key/value head (SmolLM2: 3, shared by 3 query heads each): a 3x smaller state.
     "hybrid_kv": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64,
                         fwp_state_heads="kv"),
@@ -63,8 +63,8 @@ def main():
                     help="recipes to run (default: hybrid, the measured best; README compares both)")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--stage1-steps", type=int, default=100)
-    ap.add_argument("--stage2-steps", type=int, default=220)
+    ap.add_argument("--stage1-steps", type=int, default=80)
+    ap.add_argument("--stage2-steps", type=int, default=180)
     ap.add_argument("--eval-blocks", type=int, default=32, help="blocks per held-out set")
     ap.add_argument("--long-block-size", type=int, default=1024,
                     help="also score every held-out set on blocks this long (0: skip), where the FWP branch carries "

@@ -181,10 +181,10 @@ def test_recipe_validates_its_fields():
     Recipe(keep_softmax=[0, 3], stage1_steps=0, sliding_window=None, fwp_layer_type="linear_attention")
     with pytest.raises(RecipeError, match="keep_softmax must be a list naming each layer once"):
         Recipe(keep_softmax=[1, 1])
-    with pytest.warns(UserWarning, match="sliding_window 64 >= block_size 32: the softmax window covers every"):
-        Recipe(block_size=32)
+    with pytest.warns(UserWarning, match="sliding_window 128 >= block_size 64: the softmax window covers every"):
+        Recipe(block_size=64)
     # The window belongs to hybrid layers: defaulted for them, refused for a pure FWP layout.
-    assert Recipe().sliding_window == 64 and Recipe(fwp_layer_type="linear_attention").sliding_window is None
+    assert Recipe().sliding_window == 128 and Recipe(fwp_layer_type="linear_attention").sliding_window is None
     with pytest.raises(RecipeError, match="sliding_window must be None with fwp_layer_type='linear_attention'"):
         Recipe(fwp_layer_type="linear_attention", sliding_window=32)
 
