@@ -42,9 +42,10 @@ def read_fwp_state(cache, layer_idx: int):
 def read_write_delay(cache, layer_idx: int, writes: torch.Tensor, window: int) -> torch.Tensor:
     """The FWP writes a shared-normaliser hybrid layer applies now: each token's write waits ``window`` tokens.
 
-    ``writes [B, T, Hs, F]`` (float32, or float64) are the new tokens' packed writes; the cache (state 1 of the layer, a fixed
-    ``[B, window, Hs, F]`` buffer updated in place) holds the last ``window`` tokens' writes, zeros (no-op writes)
-    before the first. Returns ``[B, T, Hs, F]``: the writes of the tokens ``window`` positions before the new ones.
+    ``writes [B, T, Hs, F]`` (float32, or float64) are the new tokens' packed writes; the cache (state 1 of the
+    layer, a fixed ``[B, window, Hs, F]`` buffer updated in place) holds the last ``window`` tokens' writes, zeros
+    (no-op writes) before the first. Returns ``[B, T, Hs, F]``: the writes of the tokens ``window`` positions
+    before the new ones.
     """
     B, T, Hs, F_ = writes.shape
     layer = None if cache is None else cache.layers[layer_idx]
