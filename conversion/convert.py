@@ -89,7 +89,8 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     kept_window = getattr(src, "sliding_window", None) if "sliding_attention" in types else None
     hybrid_window = sliding_window if "hybrid_sliding" in types else None
     if "hybrid_sliding" not in types and fwp_options.get("hybrid_combine") == "shared_normalizer":
-        # A Recipe's hybrid default with a keep-everything spec (every:1, a full list): no hybrid layer to join.
+        # A Recipe cannot know the teacher's layer count: with a keep-everything spec (every:1, a full list) there
+        # is no hybrid layer to join, so its hybrid_combine has nothing to apply to.
         fwp_options = {k: v for k, v in fwp_options.items() if k != "hybrid_combine"}
     unknown = sorted(set(fwp_options) - set(FWPConfig.__dataclass_fields__))
     if unknown:

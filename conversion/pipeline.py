@@ -114,9 +114,8 @@ class Recipe:
              "None with fwp_layer_type='linear_attention' (it is the window of hybrid_sliding layers; kept softmax "
              "layers keep the teacher's own)")
         need(self.fwp_state_heads in ("query", "kv"), "fwp_state_heads", "'query' or 'kv'")
-        # A shared normaliser needs the linear-attention denominator, which convert_options() sets for these.
-        shareable = (self.fwp_layer_type == "hybrid_sliding" and self.fwp_rule in ("linear", "gated_linear")
-                     and self.feature_map not in ("identity", "silu") and "qk_l2norm" not in self.fwp_options)
+        # A shared normaliser needs the linear-attention denominator (see _normalizes()).
+        shareable = self.fwp_layer_type == "hybrid_sliding" and self._normalizes()
         if self.hybrid_combine is None:
             self.hybrid_combine = DEFAULT_COMBINE if shareable else "lerp"
         need(self.hybrid_combine in ("lerp", "shared_normalizer"), "hybrid_combine",
@@ -161,11 +160,16 @@ class Recipe:
                           "nothing about contexts beyond the window). Use a block_size several times the window.",
                           stacklevel=3)
 
+    def _normalizes(self) -> bool:
+        """Whether the student is classic normalised linear attention: a linear rule with a non-negative feature map
+        and no L2 norm chosen in ``fwp_options`` (convert_options() then sets ``normalize_attention``)."""
+        return (self.fwp_rule in ("linear", "gated_linear") and self.feature_map not in ("identity", "silu")
+                and "qk_l2norm" not in self.fwp_options)
+
     def convert_options(self) -> dict:
         opts = dict(fwp_rule=self.fwp_rule, feature_map=self.feature_map, fwp_state_heads=self.fwp_state_heads,
                     **self.fwp_options)
-        if self.feature_map not in ("identity", "silu") and "qk_l2norm" not in opts and self.fwp_rule in (
-                "linear", "gated_linear"):
+        if self._normalizes():
             opts.update(qk_l2norm=False, normalize_attention=True)
         if self.fwp_layer_type == "hybrid_sliding":
             opts.update(hybrid_combine=self.hybrid_combine)
@@ -235,7 +239,8 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
     if not resumed_stage1:
         # What can refuse the recipe or the data runs before anything is written (no half-made OUT to clean up).
         # Held-out sets may be longer or shorter than the training blocks (a student is worth scoring beyond them).
-        length = len(train_blocks["input_ids"][0]) if len(train_blocks) else recipe.block_size
+        # One row, not the whole column (a large training set would be read into Python lists to get a length).
+        length = len(train_blocks[0]["input_ids"]) if len(train_blocks) else recipe.block_size
         if length != recipe.block_size:
             raise ValueError(f"the training blocks hold {length} tokens but the recipe's block_size is "
                              f"{recipe.block_size}: pack them with block_size={recipe.block_size}, or set "
@@ -250,10 +255,11 @@ def run(teacher, tokenizer, train_blocks, eval_blocks, recipe: Recipe, output_di
         if limit is not None and recipe.block_size > limit:
             raise ValueError(f"block_size {recipe.block_size} is longer than the {limit} positions of the teacher's "
                              "learned position table: use a block size <= that.")
-        for name, blocks in eval_sets.items():
-            if limit is not None and len(blocks["input_ids"][0]) > limit:
-                raise ValueError(f"held-out set {name!r} has blocks of {len(blocks['input_ids'][0])} tokens, more "
-                                 f"than the {limit} positions of the teacher's learned position table.")
+        for name, blocks in eval_sets.items() if limit is not None else ():
+            held_length = len(blocks[0]["input_ids"])
+            if held_length > limit:
+                raise ValueError(f"held-out set {name!r} has blocks of {held_length} tokens, more than the {limit} "
+                                 "positions of the teacher's learned position table.")
         trainable_fwp_parameters(student)
         batches = _batches(train_blocks, recipe.batch_size)
         if not batches:
