@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers_linear import single_row_on_cpu
+
 FEATURE_MAPS = ("identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", "t2r")
 LEARNED_FEATURE_MAPS = ("hedgehog", "t2r")
 
@@ -76,6 +78,10 @@ class FeatureMap(nn.Module):
         layers = self.layers
         if all(type(layer) is nn.Linear for layer in layers):
             B, T, H, D = x.shape
+            if single_row_on_cpu(x[..., 0, :]):
+                # One compiled decode row on CPU: a fused product-and-sum streams the weights faster than bmm.
+                y = (self._stacked("weight") * x.reshape(H, 1, D)).sum(-1).view(B, T, H, -1)
+                return y + self._stacked("bias") if layers[0].bias is not None else y
             # One bmm over the heads ([H, B*T, D] @ [H, D, out]): for a decoded token the reshapes are views, and
             # bmm costs a fraction of einsum's per-call overhead on CPU.
             y = torch.bmm(x.reshape(B * T, H, D).transpose(0, 1), self._stacked("weight").transpose(1, 2))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .layers_conv import ShortConvolution
 from .layers_feature_maps import FeatureMap, feature_dim
+from .layers_linear import Linear
 from .layers_norms import GatedRMSNorm
 from .layers_softmax_attention import QKVProjections, SoftmaxBranch
 from .ops_delta_rule import delta_rule
@@ -103,15 +104,15 @@ class FWPAttention(QKVProjections):
         self.feature_map_q = FeatureMap(config.feature_map, H, D)
         self.feature_map_k = self.feature_map_q if config.share_feature_map else FeatureMap(config.feature_map, Hs, D)
         if config.fwp_delta:
-            self.b_proj = nn.Linear(config.hidden_size, Hs, bias=True)
+            self.b_proj = Linear(config.hidden_size, Hs, bias=True)
         if config.fwp_gated:
-            self.a_proj = nn.Linear(config.hidden_size, Hs, bias=False)
+            self.a_proj = Linear(config.hidden_size, Hs, bias=False)
             self.A_log = nn.Parameter(torch.zeros(Hs))
             self.dt_bias = nn.Parameter(torch.zeros(Hs))
         if config.use_output_norm:
             self.o_norm = GatedRMSNorm(D, config.rms_norm_eps)
         if config.use_output_gate:
-            self.g_proj = nn.Linear(config.hidden_size, H * D, bias=False)
+            self.g_proj = Linear(config.hidden_size, H * D, bias=False)
         # Shared-normaliser hybrids: the FWP reads only tokens older than the window, weighed with softmax's mass.
         self.shared_normalizer = hybrid and config.hybrid_combine == "shared_normalizer"
         if hybrid:

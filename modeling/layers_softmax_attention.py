@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers_linear import Linear
 from .layers_norms import RMSNorm
 from .layers_rotary import apply_rotary
 
@@ -146,10 +147,10 @@ class QKVProjections(nn.Module):
         super().__init__()
         H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
-        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
-        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_output_bias)
+        self.q_proj = Linear(config.hidden_size, H * D, bias=config.attention_bias)
+        self.k_proj = Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.v_proj = Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.o_proj = Linear(H * D, config.hidden_size, bias=config.attention_output_bias)
 
     def project(self, x: torch.Tensor):
         """``x [B, T, hidden]`` -> q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]``."""

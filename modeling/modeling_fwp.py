@@ -28,6 +28,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
 from .layers_conv import ShortConvolution
 from .layers_feature_maps import FeatureMap
+from .layers_linear import Linear
 from .layers_fwp_attention import FWPAttention
 from .layers_norms import build_norm
 from .layers_rotary import RotaryEmbedding
@@ -116,9 +117,9 @@ class FWPMLP(nn.Module):
         super().__init__()
         self.gated = config.mlp_type == "gated"
         if self.gated:
-            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+            self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,7 +344,7 @@ class FWPForCausalLM(FWPPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = FWPModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
