@@ -177,6 +177,25 @@ class Recipe:
                     sliding_window=self.sliding_window, **opts)
 
 
+# Named recipes: the student layouts the README table reports, by the names the CLI's --recipe takes. Each is a set
+# of Recipe fields; the rest (training lengths, learning rates) are Recipe()'s.
+NAMED_RECIPES = {
+    # The default: every layer mixes a 128-token softmax window with Hedgehog linear attention (Recipe()).
+    "hybrid": {},
+    # No softmax at all (decode memory constant in the context, no window): Gated DeltaNet layers with a Hedgehog
+    # map before the L2 norm, so that attention transfer has key similarities to shape (identity features with the
+    # same rule measured 1062x the teacher's perplexity after 8 CPU minutes; benchmarks/results/recipe_experiments.md).
+    "pure-fwp": dict(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention"),
+}
+
+
+def named_recipe(name: str, **fields) -> Recipe:
+    """``Recipe`` of a :data:`NAMED_RECIPES` layout, with ``fields`` (any Recipe field) on top."""
+    if name not in NAMED_RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; choose one of {', '.join(NAMED_RECIPES)}.")
+    return Recipe(**{**NAMED_RECIPES[name], **fields})
+
+
 def placement(recipe: Recipe, *, cuda: bool | None = None, cuda_bf16: bool | None = None) -> tuple[str, bool]:
     """``(device, bf16)`` for a run of ``recipe``: the GPU when there is one, bf16 mixed precision per
     ``recipe.precision`` (``"auto"``: on a GPU that supports it). ``cuda`` / ``cuda_bf16`` override the detection."""

@@ -9,7 +9,7 @@ evaluates teacher vs student on every held-out set (perplexity, greedy next-toke
 prints generations of both, saves the folder and reloads it with ``AutoModelForCausalLM.from_pretrained``.
 
     python examples/linearize_smollm2.py                                  # the default (hybrid) recipe
-    python examples/linearize_smollm2.py --recipes gated_delta hybrid     # both, as in the README table
+    python examples/linearize_smollm2.py --recipes pure-fwp hybrid        # both named recipes (README table)
     python examples/linearize_smollm2.py --quick               # a few steps of each (what CI runs)
 """
 
@@ -30,19 +30,18 @@ from hf_fwp.conversion.corpus import offline_corpus, stdlib_corpus
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.evaluate import report, score_pair
 from hf_fwp.conversion.hub import load_teacher, teacher_license
-from hf_fwp.conversion.pipeline import Recipe, run
+from hf_fwp.conversion.pipeline import Recipe, named_recipe, run
 
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
     # The layer layout is explicit: Recipe()'s defaults are the hybrid's (a softmax window in every layer).
     "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity", fwp_layer_type="linear_attention",
                           sliding_window=None),
-    # Pure FWP with something to learn in attention transfer: a Hedgehog map (starts at softmax([x, -x])) before
-    # the L2 norm, so stage 1 can shape the keys' similarities instead of fitting only gates and beta.
-    "gated_delta_hedgehog": Recipe(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention",
-                                   sliding_window=None),
-    # LoLCATs-style: every layer mixes a softmax window (Recipe()'s: 128 tokens) with Hedgehog linear attention.
-    "hybrid": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding"),
+    # The CLI's named recipes (--recipe): the pure FWP has a Hedgehog map (starts at softmax([x, -x])) before the
+    # L2 norm, so stage 1 can shape the keys' similarities instead of fitting only gates and beta; the hybrid
+    # (LoLCATs-style) mixes a 128-token softmax window with Hedgehog linear attention in every layer.
+    "pure-fwp": named_recipe("pure-fwp"),
+    "hybrid": named_recipe("hybrid"),
     # The same with one FWP state per key/value head (SmolLM2: 3, shared by 3 query heads each): a 3x smaller state.
     "hybrid_kv": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64,
                         fwp_state_heads="kv"),

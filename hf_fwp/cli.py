@@ -82,21 +82,25 @@ def _keep_text(keep) -> str:
 
 
 def _fwp_args(p: argparse.ArgumentParser) -> None:
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.pipeline import NAMED_RECIPES, Recipe
     from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
 
-    # Every default is Recipe()'s: the command line and the Python API build the same student.
+    # Every default is Recipe()'s (or the --recipe's): the command line and the Python API build the same student.
     d = Recipe()
     g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
-    g.add_argument("--rule", default=d.fwp_rule, choices=FWP_RULES, help="FWP rule of the converted layers "
-                   "(default: %(default)s)")
-    g.add_argument("--feature-map", default=d.feature_map, choices=FEATURE_MAPS,
-                   help="feature map applied to queries and keys (default: %(default)s)")
+    g.add_argument("--recipe", default="hybrid", choices=list(NAMED_RECIPES),
+                   help="named layout: hybrid (a softmax window + Hedgehog linear attention in every layer) or "
+                   "pure-fwp (Gated DeltaNet with a Hedgehog map, no softmax: decode memory constant in the "
+                   "context); the flags below change single fields of it (default: %(default)s)")
+    g.add_argument("--rule", default=None, choices=FWP_RULES, help="FWP rule of the converted layers "
+                   f"(default: {d.fwp_rule}; pure-fwp: {NAMED_RECIPES['pure-fwp']['fwp_rule']})")
+    g.add_argument("--feature-map", default=None, choices=FEATURE_MAPS,
+                   help=f"feature map applied to queries and keys (default: {d.feature_map})")
     g.add_argument("--keep-softmax", default=_keep_text(d.keep_softmax), type=str,
                    help="layers that stay softmax: all, none, every:K or a list like 0,5,11 (default: %(default)s)")
-    g.add_argument("--layer-type", default=d.fwp_layer_type, choices=["linear_attention", "hybrid_sliding"],
+    g.add_argument("--layer-type", default=None, choices=["linear_attention", "hybrid_sliding"],
                    help="what the other layers become: linear_attention (pure FWP) or hybrid_sliding (sliding "
-                   "softmax + FWP in one layer) (default: %(default)s)")
+                   f"softmax + FWP in one layer) (default: {d.fwp_layer_type}; pure-fwp: linear_attention)")
     g.add_argument("--window", type=int, default=None,
                    help=f"sliding window of hybrid_sliding layers, in tokens (default: {d.sliding_window})")
     g.add_argument("--state-heads", default=d.fwp_state_heads, choices=["query", "kv"],
@@ -118,9 +122,23 @@ def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
         raise CLIError(" ".join(str(e).split())) from None  # the whole message, on one line
 
 
+def _layout(args) -> None:
+    """Fill the layout flags left out from the --recipe's fields, then Recipe()'s (once; later calls keep them)."""
+    from hf_fwp.conversion.pipeline import NAMED_RECIPES, Recipe
+
+    if getattr(args, "_given", None) is None:
+        args._given = [f for f, v in (("--rule", args.rule), ("--feature-map", args.feature_map),
+                                      ("--layer-type", args.layer_type)) if v is not None]
+    named, d = NAMED_RECIPES[args.recipe], Recipe()
+    for attr, field_name in (("rule", "fwp_rule"), ("feature_map", "feature_map"), ("layer_type", "fwp_layer_type")):
+        if getattr(args, attr) is None:
+            setattr(args, attr, named.get(field_name, getattr(d, field_name)))
+
+
 def _recipe_from(args):
     from hf_fwp.conversion.pipeline import Recipe
 
+    _layout(args)
     window = args.window
     if args.layer_type == "hybrid_sliding":
         window = Recipe().sliding_window if window is None else window
@@ -157,13 +175,14 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
         types = plan_layer_types(n, source_layer_types(name, teacher.config), _parse_keep(args.keep_softmax))
     except ValueError as e:
         raise CLIError(f"--keep-softmax: {e}") from None
+    _layout(args)
     d = Recipe()
-    given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, d.fwp_rule),
-                                               ("--feature-map", args.feature_map, d.feature_map),
-                                               ("--layer-type", args.layer_type, d.fwp_layer_type),
+    given = [flag for flag, value, default in (("--window", args.window, None),
                                                ("--state-heads", args.state_heads, d.fwp_state_heads),
-                                               ("--hybrid-combine", args.hybrid_combine, None))
+                                               ("--hybrid-combine", args.hybrid_combine, None),
+                                               ("--recipe", args.recipe, "hybrid"))
              if value != default]
+    given = args._given + given
     if "linear_attention" not in types and "hybrid_sliding" not in types and given:
         raise CLIError(f"--keep-softmax {args.keep_softmax} keeps all {n} layers of this teacher softmax, so "
                        f"{', '.join(given)} would have no effect; keep fewer layers or leave {given[0]} out.")

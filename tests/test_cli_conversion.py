@@ -77,6 +77,34 @@ def test_cli_defaults_are_the_recommended_recipe(teacher_dir, capsys):
     assert "(default: hedgehog)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_named_recipes(teacher_dir, capsys):
+    from hf_fwp.conversion.pipeline import NAMED_RECIPES, named_recipe
+    from hf_fwp.modeling import FWPConfig
+
+    out = teacher_dir / "pure-fwp"
+    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp"]) == 0
+    assert "2 FWP layers (linear_attention)" in capsys.readouterr().out
+    config, recipe = FWPConfig.from_pretrained(out), named_recipe("pure-fwp")
+    assert (config.fwp_rule, config.feature_map) == ("gated_delta", "hedgehog") == (recipe.fwp_rule, recipe.feature_map)
+    assert config.layer_types == ["linear_attention"] * 2 and config.sliding_window is None
+    # A flag changes one field of the named recipe.
+    out = teacher_dir / "pure-delta"
+    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0
+    config = FWPConfig.from_pretrained(out)
+    assert (config.fwp_rule, config.feature_map, config.layer_types[0]) == ("delta", "hedgehog", "linear_attention")
+    capsys.readouterr()
+    fresh = str(teacher_dir / "never-written")
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "pure-fwp", "--window", "16"]) == 2
+    assert "--window sets the window of hybrid_sliding layers" in capsys.readouterr().err
+    assert main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "pure-fwp", "--keep-softmax", "all"]) == 2
+    assert "--recipe would have no effect" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):
+        main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "mamba"])
+    with pytest.raises(ValueError, match="choose one of hybrid, pure-fwp"):
+        named_recipe("mamba")
+    assert set(NAMED_RECIPES) == {"hybrid", "pure-fwp"}
+
+
 def test_convert_never_overwrites_silently_and_writes_atomically(teacher_dir, capsys, monkeypatch):
     out = teacher_dir / "distilled-model"
     out.mkdir()

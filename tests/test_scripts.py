@@ -75,8 +75,8 @@ def test_linearize_smollm2_quick(tmp_path):
     if missing:
         # CI installs through the Makefile, which adds both: there a missing one is a failure, not a skip.
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"not installed: {missing} (make install adds them)")
-    out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "gated_delta", "hybrid", "--out", str(tmp_path))
+    out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "pure-fwp", "hybrid", "--out", str(tmp_path))
     assert "logits identical = True" in out
-    assert "| gated_delta |" in out and "| hybrid |" in out and "mean ratio" in out and "package READMEs" in out
+    assert "| pure-fwp |" in out and "| hybrid |" in out and "mean ratio" in out and "package READMEs" in out
     assert "mean ratio @128" in out and "on 128-token blocks: student / teacher perplexity" in out
     assert (tmp_path / "hybrid" / "model" / "README.md").exists()
