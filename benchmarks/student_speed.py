@@ -15,6 +15,7 @@ interval of ``--steps`` tokens after an untimed warm-up call. Cache: bytes the c
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
@@ -26,11 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_description, markdown_table  # noqa: E402
 from generation import MODES, compile_config, measure  # noqa: E402
 
-RECIPES = {
-    "hybrid (default recipe)": {},
-    "pure gated delta + hedgehog": dict(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention",
-                                        sliding_window=None),
-}
+# NAMED_RECIPES name (the CLI's --recipe) -> the name in the tables.
+RECIPES = {"hybrid": "hybrid (default recipe)", "pure-fwp": "pure-fwp (gated delta + hedgehog)"}
 
 
 def load(tiny: bool):
@@ -50,7 +48,7 @@ def load(tiny: bool):
 
 def main():
     from hf_fwp import convert
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.pipeline import named_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
@@ -59,14 +57,26 @@ def main():
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     ap.add_argument("--tiny", action="store_true", help="a small random Llama instead of SmolLM2 (smoke test)")
+    ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="students to measure")
+    ap.add_argument("--teacher-with-fwp-linear", action="store_true",
+                    help="also measure a copy of the teacher whose linear layers are hf-fwp's Linear (the compiled "
+                    "single-row path the students have): layer against layer, what the FWP costs over softmax")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.new_tokens, args.seed = args.steps, 0
     teacher, args.vocab_size = load(args.tiny)
     models = {"teacher": teacher.eval()}
-    for name, opts in RECIPES.items():
-        models[name] = convert(teacher, **Recipe(**opts).convert_options()).eval()
+    if args.teacher_with_fwp_linear:
+        from hf_fwp.modeling.layers_linear import Linear
+
+        twin = copy.deepcopy(teacher)
+        for module in twin.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = Linear  # same parameters, only the forward differs
+        models["teacher + hf-fwp Linear"] = twin
+    for name in args.recipes:
+        models[RECIPES[name]] = convert(teacher, **named_recipe(name).convert_options()).eval()
     models = {name: m.to(args.device) for name, m in models.items()}
     rows, res = [], {}
     for ctx in args.contexts:

@@ -7,6 +7,7 @@ as remote code, see ``hf_fwp.modeling``); this namespace is the public entry poi
 from hf_fwp.modeling.layers_conv import ShortConvolution
 from hf_fwp.modeling.layers_feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
 from hf_fwp.modeling.layers_fwp_attention import FWPAttention
+from hf_fwp.modeling.layers_linear import Linear
 from hf_fwp.modeling.layers_norms import GatedRMSNorm, RMSNorm, build_norm
 from hf_fwp.modeling.layers_rotary import RotaryEmbedding, apply_rotary
 from hf_fwp.modeling.layers_softmax_attention import SoftmaxAttention, attention_allowed, softmax_attention
@@ -14,4 +15,5 @@ from hf_fwp.modeling.layers_softmax_attention import SoftmaxAttention, attention
 __all__ = [
     "FWPAttention", "SoftmaxAttention", "ShortConvolution", "FeatureMap", "FEATURE_MAPS", "feature_dim", "RMSNorm",
     "GatedRMSNorm", "build_norm", "RotaryEmbedding", "apply_rotary", "attention_allowed", "softmax_attention",
+    "Linear",
 ]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_fwp.modeling.layers_feature_maps import FeatureMap
-from hf_fwp.modeling.layers_linear import Linear
+from hf_fwp.layers import Linear
 
 
 def compiled_graphs(fn, *args):

@@ -112,6 +112,19 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
     assert torch.equal(compiled, expected)
 
 
+@pytest.mark.parametrize("layout,feature_map", [("lolcats", "hedgehog"), ("hybrid", "t2r")])
+def test_inductor_single_row_decode_gives_the_eager_tokens(layout, feature_map):
+    # Batch 1: every linear layer and learned feature map takes its compiled single-row (product-and-sum) path.
+    torch._dynamo.reset()
+    model = tiny_model(layout=layout, rule="gated_delta", feature_map=feature_map, fwp_state_heads="kv")
+    ids = torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    expected = model.generate(ids, **kwargs)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("inductor"), **kwargs)
+    assert torch.equal(compiled.sequences, expected.sequences)
+    assert rel_err(torch.stack(compiled.logits), torch.stack(expected.logits)) < 1e-4
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("state_heads", ["query", "kv"])
