@@ -42,6 +42,8 @@ RECIPES = {
     # (LoLCATs-style) mixes a 128-token softmax window with Hedgehog linear attention in every layer.
     "pure-fwp": named_recipe("pure-fwp"),
     "hybrid": named_recipe("hybrid"),
+    # Pure FWP as LoLCATs' linear attention without the window: normalised Hedgehog linear attention, no gates.
+    "pure-linear": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="linear_attention"),
     # The same with one FWP state per key/value head (SmolLM2: 3, shared by 3 query heads each): a 3x smaller state.
     "hybrid_kv": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64,
                         fwp_state_heads="kv"),
