@@ -28,7 +28,7 @@ from common import RESULTS, machine_description, markdown_table  # noqa: E402
 from generation import MODES, compile_config, measure  # noqa: E402
 
 # NAMED_RECIPES name (the CLI's --recipe) -> the name in the tables.
-RECIPES = {"hybrid": "hybrid (default recipe)", "pure-fwp": "pure-fwp (gated delta + hedgehog)"}
+RECIPES = {"hybrid": "hybrid (default recipe)", "pure-fwp": "pure-fwp (linear + hedgehog)"}
 
 
 def load(tiny: bool):

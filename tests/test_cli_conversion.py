@@ -85,8 +85,9 @@ def test_named_recipes(teacher_dir, capsys):
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp"]) == 0
     assert "2 FWP layers (linear_attention)" in capsys.readouterr().out
     config, recipe = FWPConfig.from_pretrained(out), named_recipe("pure-fwp")
-    assert (config.fwp_rule, config.feature_map) == ("gated_delta", "hedgehog") == (recipe.fwp_rule, recipe.feature_map)
+    assert (config.fwp_rule, config.feature_map) == ("linear", "hedgehog") == (recipe.fwp_rule, recipe.feature_map)
     assert config.layer_types == ["linear_attention"] * 2 and config.sliding_window is None
+    assert config.normalize_attention and not config.qk_l2norm  # what Recipe.convert_options() gives this layout
     # A flag changes one field of the named recipe.
     out = teacher_dir / "pure-delta"
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0
