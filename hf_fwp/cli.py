@@ -90,7 +90,8 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
     g.add_argument("--recipe", default="hybrid", choices=list(NAMED_RECIPES),
                    help="named layout: hybrid (a softmax window + Hedgehog linear attention in every layer) or "
-                   "pure-fwp (Hedgehog linear attention alone, no softmax: decode memory constant in the context); the flags below change single fields of it (default: %(default)s)")
+                   "pure-fwp (Hedgehog linear attention alone, no softmax: decode memory constant in the context); the "
+                   "flags below change single fields of it (default: %(default)s)")
     g.add_argument("--rule", default=None, choices=FWP_RULES, help="FWP rule of the converted layers "
                    f"(default: {d.fwp_rule}; pure-fwp: {NAMED_RECIPES['pure-fwp']['fwp_rule']})")
     g.add_argument("--feature-map", default=None, choices=FEATURE_MAPS,
@@ -121,25 +122,21 @@ def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
         raise CLIError(" ".join(str(e).split())) from None  # the whole message, on one line
 
 
-def _layout(args) -> None:
-    """Fill the layout flags left out from the --recipe's fields, then Recipe()'s (once; later calls keep them)."""
-    from hf_fwp.conversion.pipeline import NAMED_RECIPES, Recipe
+def _layout(args) -> dict:
+    """``fwp_rule``, ``feature_map`` and ``fwp_layer_type``: each flag given, else the --recipe's field."""
+    from hf_fwp.conversion.pipeline import named_recipe
 
-    if getattr(args, "_given", None) is None:
-        args._given = [f for f, v in (("--rule", args.rule), ("--feature-map", args.feature_map),
-                                      ("--layer-type", args.layer_type)) if v is not None]
-    named, d = NAMED_RECIPES[args.recipe], Recipe()
-    for attr, field_name in (("rule", "fwp_rule"), ("feature_map", "feature_map"), ("layer_type", "fwp_layer_type")):
-        if getattr(args, attr) is None:
-            setattr(args, attr, named.get(field_name, getattr(d, field_name)))
+    named = named_recipe(args.recipe)
+    return {"fwp_rule": args.rule or named.fwp_rule, "feature_map": args.feature_map or named.feature_map,
+            "fwp_layer_type": args.layer_type or named.fwp_layer_type}
 
 
 def _recipe_from(args):
     from hf_fwp.conversion.pipeline import Recipe
 
-    _layout(args)
+    layout = _layout(args)
     window = args.window
-    if args.layer_type == "hybrid_sliding":
+    if layout["fwp_layer_type"] == "hybrid_sliding":
         window = Recipe().sliding_window if window is None else window
         if window < 1:
             raise CLIError(f"--window must be a positive number of tokens; got {window}.")
@@ -152,9 +149,8 @@ def _recipe_from(args):
     from hf_fwp.conversion.pipeline import RecipeError
 
     try:
-        return Recipe(fwp_rule=args.rule, feature_map=args.feature_map, keep_softmax=_parse_keep(args.keep_softmax),
-                      fwp_layer_type=args.layer_type, sliding_window=window, fwp_state_heads=args.state_heads,
-                      hybrid_combine=args.hybrid_combine)
+        return Recipe(**layout, keep_softmax=_parse_keep(args.keep_softmax), sliding_window=window,
+                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine)
     except RecipeError as e:
         raise _flag_error(e) from None
 
@@ -174,14 +170,14 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
         types = plan_layer_types(n, source_layer_types(name, teacher.config), _parse_keep(args.keep_softmax))
     except ValueError as e:
         raise CLIError(f"--keep-softmax: {e}") from None
-    _layout(args)
     d = Recipe()
-    given = [flag for flag, value, default in (("--window", args.window, None),
+    given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, None),
+                                               ("--feature-map", args.feature_map, None),
+                                               ("--layer-type", args.layer_type, None),
                                                ("--state-heads", args.state_heads, d.fwp_state_heads),
                                                ("--hybrid-combine", args.hybrid_combine, None),
                                                ("--recipe", args.recipe, "hybrid"))
              if value != default]
-    given = args._given + given
     if "linear_attention" not in types and "hybrid_sliding" not in types and given:
         raise CLIError(f"--keep-softmax {args.keep_softmax} keeps all {n} layers of this teacher softmax, so "
                        f"{', '.join(given)} would have no effect; keep fewer layers or leave {given[0]} out.")

@@ -28,8 +28,8 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
 from .layers_conv import ShortConvolution
 from .layers_feature_maps import FeatureMap
-from .layers_linear import Linear
 from .layers_fwp_attention import FWPAttention
+from .layers_linear import Linear
 from .layers_norms import build_norm
 from .layers_rotary import RotaryEmbedding
 from .layers_softmax_attention import SoftmaxAttention, attention_allowed

@@ -57,7 +57,7 @@ def test_lora_wraps_linear_and_compiles():
     x = torch.randn(1, 1, 16)
     with torch.no_grad():
         eager = lora(x)
-        out, graphs = compiled_graphs(lora, x)
+        out, _ = compiled_graphs(lora, x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
