@@ -1,7 +1,11 @@
 """Feature maps phi applied to queries and keys of an FWP layer, per head.
 
-Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D)]``. Learned maps are built from
-``nn.Linear`` (one per head, under stable names ``layers.<h>``) so that PEFT can target them.
+Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D)]``. Learned maps hold their heads'
+weights stacked in one parameter, ``weight [H, D_out, D_in]`` (``nn.Linear``'s order per head) and, for T2R,
+``bias [H, D]``: two tensors per map instead of one per head, because a compiled decode step checks and passes
+every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost 1.4 ms of a 17 ms token).
+PEFT targets them as parameters (``LoraConfig(target_parameters=["feature_map_q.weight", ...])``, one LoRA per
+head). State dicts of the earlier per-head layout (``layers.<h>.weight``) still load through ``load_state_dict``.
 
 | name           | phi(x)                                   | out dim | notes |
 |----------------|------------------------------------------|---------|-------|
@@ -32,7 +36,7 @@ def feature_dim(name: str, head_dim: int) -> int:
 
 
 class FeatureMap(nn.Module):
-    """phi for one of :data:`FEATURE_MAPS`; learned maps hold one ``nn.Linear(D, D)`` per head."""
+    """phi for one of :data:`FEATURE_MAPS`; learned maps hold ``weight [H, D, D]`` (and ``bias [H, D]`` for T2R)."""
 
     def __init__(self, name: str, num_heads: int, head_dim: int):
         super().__init__()
@@ -42,16 +46,18 @@ class FeatureMap(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         if name in LEARNED_FEATURE_MAPS:
-            self.layers = nn.ModuleList(nn.Linear(head_dim, head_dim, bias=name == "t2r") for _ in range(num_heads))
+            self.weight = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+            self.bias = nn.Parameter(torch.empty(num_heads, head_dim)) if name == "t2r" else None
+            self.register_load_state_dict_pre_hook(_stack_per_head_keys)
             self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Learned maps start at W = I (b = 0): T2R then equals relu, Hedgehog softmax([x, -x])."""
-        for layer in getattr(self, "layers", []):
-            layer.weight.copy_(torch.eye(self.head_dim))
-            if layer.bias is not None:
-                layer.bias.zero_()
+        if self.name in LEARNED_FEATURE_MAPS:
+            self.weight.copy_(torch.eye(self.head_dim).expand_as(self.weight))
+            if self.bias is not None:
+                self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.name == "identity":
@@ -72,36 +78,27 @@ class FeatureMap(nn.Module):
         return torch.softmax(torch.cat([y, -y], dim=-1).float(), dim=-1).to(x.dtype)
 
     def _per_head_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``y[..., h, :] = layers[h](x[..., h, :])``: one batched product over the heads when the layers are plain
-        ``nn.Linear`` (a per-head loop costs 2 * H small matmuls per layer and token when decoding); the loop only
-        when a layer is wrapped (e.g. by a PEFT adapter), so the wrapper's forward runs."""
-        layers = self.layers
-        if all(type(layer) is nn.Linear for layer in layers):
-            B, T, H, D = x.shape
-            if single_row_on_cpu(x[..., 0, :]):
-                # One compiled decode row on CPU: a fused product-and-sum streams the weights faster than bmm.
-                y = (self._stacked("weight") * x.reshape(H, 1, D)).sum(-1).view(B, T, H, -1)
-                return y + self._stacked("bias") if layers[0].bias is not None else y
+        """``y[..., h, :] = weight[h] @ x[..., h, :] (+ bias[h])`` for ``x [B, T, H, D]``."""
+        B, T, H, D = x.shape
+        if single_row_on_cpu(x[..., 0, :]):
+            # One compiled decode row on CPU: a fused product-and-sum streams the weights faster than bmm.
+            y = (self.weight * x.reshape(H, 1, D)).sum(-1).view(B, T, H, -1)
+        else:
             # One bmm over the heads ([H, B*T, D] @ [H, D, out]): for a decoded token the reshapes are views, and
             # bmm costs a fraction of einsum's per-call overhead on CPU.
-            y = torch.bmm(x.reshape(B * T, H, D).transpose(0, 1), self._stacked("weight").transpose(1, 2))
+            y = torch.bmm(x.reshape(B * T, H, D).transpose(0, 1), self.weight.transpose(1, 2))
             y = y.transpose(0, 1).reshape(B, T, H, -1)
-            if layers[0].bias is not None:
-                y = y + self._stacked("bias")
-            return y
-        return torch.stack([layer(x[:, :, h]) for h, layer in enumerate(layers)], dim=2)
-
-    def _stacked(self, name: str) -> torch.Tensor:
-        """The heads' ``weight`` or ``bias`` stacked ``[H, ...]``. Without autograd (decoding) the stack is kept
-        until a parameter moves or changes (its storage or version counter), not rebuilt for every token."""
-        params = [getattr(layer, name) for layer in self.layers]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.stack(params)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cache = self.__dict__.setdefault("_stack_cache", {})
-        if name not in cache or cache[name][0] != key:
-            cache[name] = (key, torch.stack(params))
-        return cache[name][1]
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _stack_per_head_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: ``layers.<h>.weight`` / ``layers.<h>.bias`` (one ``nn.Linear`` per head, the layout
+    before the heads were stacked) -> ``weight [H, D, D]`` / ``bias [H, D]``. Keys of missing heads are left for
+    ``load_state_dict`` to report."""
+    for leaf in ("weight", "bias"):
+        keys = [f"{prefix}layers.{h}.{leaf}" for h in range(module.num_heads)]
+        if f"{prefix}{leaf}" not in state_dict and all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{leaf}"] = torch.stack([state_dict.pop(k) for k in keys])

@@ -196,8 +196,12 @@ class FWPPreTrainedModel(PreTrainedModel):
             if mismatched:
                 names = [m[0] if isinstance(m, tuple) else m for m in mismatched]
                 parts.append(f"{len(names)} of another shape ({', '.join(map(str, names[:6]))})")
-            raise ValueError(f"{where}: the checkpoint does not fit this {cls.__name__}: {'; '.join(parts)}. It is "
-                             "incomplete or was saved from another layout; save it again from the trained model.")
+            hint = "It is incomplete or was saved from another layout; save it again from the trained model."
+            if any(".feature_map_" in k and ".layers." in k for k in info.get("unexpected_keys") or ()):
+                hint = ("Its feature maps hold one Linear per head (the layout of earlier hf-fwp code): load it with "
+                        "trust_remote_code=True to run the code it was saved with, or load its state dict into this "
+                        "model with load_state_dict, which stacks the heads.")
+            raise ValueError(f"{where}: the checkpoint does not fit this {cls.__name__}: {'; '.join(parts)}. {hint}")
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_fwp.modeling.layers_conv import ShortConvolution
 from hf_fwp.modeling.layers_feature_maps import FEATURE_MAPS, FeatureMap, feature_dim
@@ -25,7 +26,7 @@ def test_learned_maps_start_at_identity_and_are_per_head():
     x = torch.randn(1, 3, 2, 4)
     torch.testing.assert_close(t2r(x), torch.relu(x))
     with torch.no_grad():
-        t2r.layers[1].weight.mul_(2.0)
+        t2r.weight[1].mul_(2.0)
     y = t2r(x)
     torch.testing.assert_close(y[:, :, 0], torch.relu(x[:, :, 0]))
     torch.testing.assert_close(y[:, :, 1], torch.relu(2 * x[:, :, 1]))
@@ -102,43 +103,59 @@ def test_sliding_window_attention_in_blocks_equals_masked_full_product(T, window
 
 
 @pytest.mark.parametrize("name", ["hedgehog", "t2r"])
-def test_learned_maps_batch_heads_unless_a_layer_is_wrapped(name):
+def test_learned_maps_apply_each_heads_own_weights(name):
     fm = FeatureMap(name, num_heads=3, head_dim=4)
+    assert [n for n, _ in fm.named_parameters()] == (["weight", "bias"] if name == "t2r" else ["weight"])
     with torch.no_grad():
-        for layer in fm.layers:
-            layer.weight.normal_()
-            if layer.bias is not None:
-                layer.bias.normal_()
+        fm.weight.normal_()
+        if fm.bias is not None:
+            fm.bias.normal_()
     x = torch.randn(2, 5, 3, 4)
-    per_head = torch.stack([layer(x[:, :, h]) for h, layer in enumerate(fm.layers)], dim=2)
+    bias = [None if fm.bias is None else fm.bias[h] for h in range(3)]
+    per_head = torch.stack([F.linear(x[:, :, h], fm.weight[h], bias[h]) for h in range(3)], dim=2)
     torch.testing.assert_close(fm._per_head_linear(x), per_head)
 
-    class Shifted(torch.nn.Module):  # stands in for a PEFT LoRA wrapper: its own forward must run
-        def __init__(self, base):
+
+@pytest.mark.parametrize("name", ["hedgehog", "t2r"])
+def test_learned_maps_load_the_per_head_layout(name):
+    # State dicts saved before the heads were stacked hold one nn.Linear per head under layers.<h>.
+    old = {}
+    for h in range(3):
+        old[f"layers.{h}.weight"] = torch.randn(4, 4)
+        if name == "t2r":
+            old[f"layers.{h}.bias"] = torch.randn(4)
+    fm = FeatureMap(name, num_heads=3, head_dim=4)
+    fm.load_state_dict(dict(old))
+    torch.testing.assert_close(fm.weight, torch.stack([old[f"layers.{h}.weight"] for h in range(3)]))
+    if name == "t2r":
+        torch.testing.assert_close(fm.bias, torch.stack([old[f"layers.{h}.bias"] for h in range(3)]))
+    del old["layers.2.weight"]  # a head missing is reported, not filled in
+    with pytest.raises(RuntimeError, match="layers.0.weight"):
+        FeatureMap(name, num_heads=3, head_dim=4).load_state_dict(old)
+
+
+def test_learned_maps_take_a_lora_per_head_through_peft_target_parameters():
+    peft = pytest.importorskip("peft")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
             super().__init__()
-            self.base = base
+            self.feature_map_q = FeatureMap("hedgehog", num_heads=3, head_dim=4)
 
-        def forward(self, t):
-            return self.base(t) + 1.0
+        def forward(self, x):
+            return self.feature_map_q(x)
 
-    fm.layers[1] = Shifted(fm.layers[1])
-    y = fm._per_head_linear(x)
-    torch.testing.assert_close(y[:, :, 1], per_head[:, :, 1] + 1.0)
-    torch.testing.assert_close(y[:, :, 0], per_head[:, :, 0])
-
-
-def test_learned_maps_restack_their_weights_when_they_change():
-    # Decoding keeps the stacked head weights between tokens; a changed or moved weight must be picked up.
-    fm = FeatureMap("t2r", num_heads=2, head_dim=4)
-    x = torch.randn(1, 1, 2, 4)
-    with torch.no_grad():
-        before = fm(x)
-        fm.layers[1].weight.mul_(-1.0)
-        fm.layers[0].bias.add_(1.0)
-        after = fm(x)
-        expected = torch.stack([torch.relu(layer(x[:, :, h])) for h, layer in enumerate(fm.layers)], dim=2)
-    torch.testing.assert_close(after, expected)
-    assert not torch.equal(before, after)
-    fm.load_state_dict({n: torch.zeros_like(p) for n, p in fm.state_dict().items()})
-    with torch.no_grad():
-        assert torch.equal(fm(x), torch.zeros_like(x))
+    torch.manual_seed(0)
+    model = Wrap()
+    x = torch.randn(2, 5, 3, 4)
+    before = model(x)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=[], target_parameters=["feature_map_q.weight"],
+                                                      init_lora_weights=False))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    out = lora(x)
+    assert not torch.allclose(out, before)
+    out.sum().backward()
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)
+    merged = lora.merge_and_unload()
+    torch.testing.assert_close(merged(x), out.detach(), atol=1e-5, rtol=1e-5)

@@ -66,10 +66,9 @@ def test_compiled_feature_map_single_row(name):
     torch.manual_seed(0)
     fmap = FeatureMap(name, 3, 8)
     with torch.no_grad():
-        for layer in fmap.layers:
-            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
-            if layer.bias is not None:
-                layer.bias.normal_()
+        fmap.weight.add_(0.3 * torch.randn_like(fmap.weight))
+        if fmap.bias is not None:
+            fmap.bias.normal_()
         x = torch.randn(1, 1, 3, 8)
         out, _ = compiled_graphs(fmap, x)
         torch.testing.assert_close(out, fmap(x), rtol=1e-5, atol=1e-5)

@@ -80,8 +80,8 @@ def test_left_padded_rows_generate_what_they_generate_alone():
     batch = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)])
     mask = (torch.arange(9)[None] >= torch.tensor([[0], [4]])).long()
     with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        alone = [model.generate(r, max_new_tokens=8, do_sample=False) for r in (long, short)]
+        both = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        alone = [model.generate(r, max_new_tokens=8, min_new_tokens=8, do_sample=False) for r in (long, short)]
     assert torch.equal(both[0], alone[0][0]) and torch.equal(both[1, 4:], alone[1][0])
 
 

@@ -42,11 +42,7 @@ def test_kv_states_are_query_states_with_each_groups_parameters_shared(rule):
     G = kv.config.num_attention_heads // kv.config.num_key_value_heads
     kv_state, state = kv.state_dict(), {}
     for name, target in per_query.state_dict().items():
-        if ".feature_map_k.layers." in name:  # one Linear per head: query head i takes its group's, i // G
-            prefix, rest = name.split(".feature_map_k.layers.")
-            head, leaf = rest.split(".", 1)
-            state[name] = kv_state[f"{prefix}.feature_map_k.layers.{int(head) // G}.{leaf}"]
-        elif kv_state[name].shape != target.shape:  # beta and gate projections, A_log, dt_bias: per head rows
+        if kv_state[name].shape != target.shape:  # key maps, beta and gate projections, A_log, dt_bias: per head
             state[name] = kv_state[name].repeat_interleave(G, dim=0)
         else:
             state[name] = kv_state[name]
@@ -241,6 +237,32 @@ def test_a_checkpoint_missing_weights_is_refused_by_name(tmp_path):
         FWPForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not fit this FWPForCausalLM"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_with_per_head_feature_maps_is_refused_with_the_way_to_load_it(tmp_path):
+    # Earlier code saved one Linear per head (feature_map_q.layers.<h>.weight); load_state_dict stacks them.
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(rule="linear", layout="lolcats", feature_map="hedgehog")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".feature_map_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    old = {}
+    for key, t in load_file(tmp_path / "model.safetensors").items():
+        if ".feature_map_" in key:
+            old.update({key.replace(".weight", f".layers.{h}.weight"): t[h].clone() for h in range(t.shape[0])})
+        else:
+            old[key] = t
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="one Linear per head .*trust_remote_code=True.*load_state_dict"):
+        FWPForCausalLM.from_pretrained(tmp_path)
+    fresh = tiny_model(seed=5, rule="linear", layout="lolcats", feature_map="hedgehog")
+    fresh.load_state_dict(old, strict=False)  # the tied LM head is not in the file
+    ids = torch.randint(3, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
 
 
 def test_save_pretrained_replaces_a_folder_whole_and_an_interrupted_save_leaves_the_old_model(tmp_path, monkeypatch):
