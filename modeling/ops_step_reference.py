@@ -39,6 +39,8 @@ def torch_fwp_step(
     if qk_l2norm:
         q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
     dt = state.dtype
+    if torch.compiler.is_compiling() and state.device.type == "cpu":
+        return _fused_step(q, k, v, state, beta, g, scale)
     S = state.view(B * Hs, K, V)
     k_col = k.reshape(B * Hs, K, 1).to(dt)
     u = v.reshape(B * Hs, 1, V).to(dt)
@@ -49,3 +51,25 @@ def torch_fwp_step(
     S.baddbmm_(k_col, u)
     o = torch.bmm(q.reshape(B * Hs, H // Hs, K).to(dt), S).mul_(scale)  # the G queries of a group read one state
     return o.view(B, 1, H, V).to(v.dtype)
+
+
+def _fused_step(q, k, v, state, beta, g, scale):
+    """The same step as broadcasts and sums, for a compiled graph on CPU: inductor fuses the decay, the delta
+    rule's read, the write and the readout into its own loops over the state, where each ``bmm`` above is an
+    external call (30 steps of SmolLM2-135M's state shape: 0.41 vs 1.01 ms for linear attention, 0.47 vs 0.70 ms
+    for the delta rule). Eagerly this form would materialise products of the state's size, so only compiled graphs
+    take it."""
+    B, _, H, K = q.shape
+    Hs, V = k.shape[2], v.shape[-1]
+    dt = state.dtype
+    S = state.view(B, Hs, K, V)
+    k_col = k.reshape(B, Hs, K, 1).to(dt)
+    u = v.reshape(B, Hs, 1, V).to(dt)
+    if g is not None:
+        S = S * g.reshape(B, Hs, 1, 1).to(dt).exp()
+    if beta is not None:
+        u = (u - (k_col * S).sum(-2, keepdim=True)) * beta.reshape(B, Hs, 1, 1).to(dt)
+    S = S + k_col * u
+    state.copy_(S.view_as(state))
+    o = (q.reshape(B, Hs, H // Hs, K, 1).to(dt) * S[:, :, None]).sum(-2) * scale
+    return o.reshape(B, 1, H, V).to(v.dtype)
