@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_description, markdown_table  # noqa: E402
 from generation import MODES, compile_config, measure  # noqa: E402
 
-# NAMED_RECIPES name (the CLI's --recipe) -> the name in the tables.
-RECIPES = {"hybrid": "hybrid (default recipe)", "pure-fwp": "pure-fwp (linear + hedgehog)"}
+# --recipes name -> (name in the tables, NAMED_RECIPES name (the CLI's --recipe), Recipe fields on top).
+RECIPES = {"hybrid": ("hybrid (default recipe)", "hybrid", {}),
+           "pure-fwp": ("pure-fwp (linear + hedgehog)", "pure-fwp", {}),
+           "pure-gated-delta": ("pure gated delta + hedgehog", "pure-fwp", {"fwp_rule": "gated_delta"})}
 
 
 def load(tiny: bool):
@@ -57,7 +59,8 @@ def main():
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     ap.add_argument("--tiny", action="store_true", help="a small random Llama instead of SmolLM2 (smoke test)")
-    ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="students to measure")
+    ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["hybrid", "pure-fwp"],
+                    help="students to measure")
     ap.add_argument("--teacher-with-fwp-linear", action="store_true",
                     help="also measure a copy of the teacher whose linear layers are hf-fwp's Linear (the compiled "
                     "single-row path the students have): layer against layer, what the FWP costs over softmax")
@@ -76,7 +79,8 @@ def main():
                 module.__class__ = Linear  # same parameters, only the forward differs
         models["teacher + hf-fwp Linear"] = twin
     for name in args.recipes:
-        models[RECIPES[name]] = convert(teacher, **named_recipe(name).convert_options()).eval()
+        label, recipe, fields = RECIPES[name]
+        models[label] = convert(teacher, **named_recipe(recipe, **fields).convert_options()).eval()
     models = {name: m.to(args.device) for name, m in models.items()}
     rows, res = [], {}
     for ctx in args.contexts:

@@ -67,6 +67,10 @@ def main():
     ap.add_argument("--stage1-steps", type=int, default=80)
     ap.add_argument("--stage2-steps", type=int, default=180)
     ap.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default: the recipe's)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="softmax temperature of the stage-2 KL (default: the recipe's)")
+    ap.add_argument("--ce-weight", type=float, default=None,
+                    help="weight of the next-token cross-entropy added to the stage-2 KL (default: the recipe's)")
     ap.add_argument("--eval-blocks", type=int, default=32, help="blocks per held-out set")
     ap.add_argument("--long-block-size", type=int, default=1024,
                     help="also score every held-out set on blocks this long (0: skip), where the FWP branch carries "
@@ -111,7 +115,8 @@ def main():
         recipe = replace(RECIPES[name], block_size=args.block_size, batch_size=args.batch_size,
                          stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                          save_steps=max(1, args.stage2_steps // 4),
-                         stage2_lr=RECIPES[name].stage2_lr if args.stage2_lr is None else args.stage2_lr)
+                         **{f: getattr(args, f) for f in ("stage2_lr", "temperature", "ce_weight")
+                            if getattr(args, f) is not None})
         out = args.out / name
         print(f"\n=== recipe {name} -> {out}")
         result = run(teacher, tokenizer, train, held, recipe, out, resume=args.resume, prompts=PROMPTS,
