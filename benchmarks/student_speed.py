@@ -18,6 +18,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_description, markdown_table  # noqa: E402
-from generation import MODES, compile_config, measure  # noqa: E402
+from generation import MODES, compile_config, measure, timed_generate  # noqa: E402
 
 # --recipes name -> (name in the tables, NAMED_RECIPES name (the CLI's --recipe), Recipe fields on top).
 RECIPES = {"hybrid": ("hybrid (default recipe)", "hybrid", {}),
@@ -48,6 +49,25 @@ def load(tiny: bool):
     return model, len(tok)
 
 
+def measure_rounds(models: dict, context: int, mode: str, args: argparse.Namespace) -> dict:
+    """``{name: result}`` of every model at ``context``, timed in ``args.rounds`` rounds that visit the models in
+    turn (after one warm-up call each, which compiles in compiled mode): each time is the median over the rounds, so
+    a machine whose speed drifts between minutes slows every model alike. All compiled graphs stay alive together
+    (no reset between models), under a recompile limit raised to fit them."""
+    ids = torch.randint(3, args.vocab_size, (1, context), generator=torch.Generator().manual_seed(args.seed))
+    ids = ids.to(args.device)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(models))
+    for model in models.values():
+        timed_generate(model, ids, 4, mode, args)
+    runs = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            runs[name].append(timed_generate(model, ids, args.new_tokens, mode, args))
+    return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+
+
 def main():
     from hf_fwp import convert
     from hf_fwp.conversion.pipeline import named_recipe
@@ -64,8 +84,13 @@ def main():
     ap.add_argument("--teacher-with-fwp-linear", action="store_true",
                     help="also measure a copy of the teacher whose linear layers are hf-fwp's Linear (the compiled "
                     "single-row path the students have): layer against layer, what the FWP costs over softmax")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every model this many times, in turn, and keep the medians (a noisy machine: 5)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out-name", default="student_speed", help="file stem of the table and the plot")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1; got {args.rounds}.")
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.new_tokens, args.seed = args.steps, 0
     teacher, args.vocab_size = load(args.tiny)
@@ -84,9 +109,14 @@ def main():
     models = {name: m.to(args.device) for name, m in models.items()}
     rows, res = [], {}
     for ctx in args.contexts:
+        if args.rounds > 1:
+            for mode in args.modes:
+                res.update({(name, mode, ctx): r for name, r in measure_rounds(models, ctx, mode, args).items()})
         for name, model in models.items():
             for mode in args.modes:
-                r = res[(name, mode, ctx)] = measure(model, ctx, 1, mode, args)
+                if args.rounds == 1:
+                    res[(name, mode, ctx)] = measure(model, ctx, 1, mode, args)
+                r = res[(name, mode, ctx)]
                 t, t_eager = res[("teacher", mode, ctx)], res[("teacher", args.modes[0], ctx)]
                 rows.append([name, mode, ctx, f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}",
                              f"{r['cache_mb']:.1f}", f"{t['prefill_s'] / r['prefill_s']:.2f}x",
@@ -98,15 +128,19 @@ def main():
     table = markdown_table(head, rows)
     what = "random tiny Llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, fp32)"
     cc = compile_config(args)
+    timing = (f"median interval of {args.steps} tokens after an untimed warm-up call" if args.rounds == 1 else
+              f"median interval of {args.steps} tokens, median over {args.rounds} rounds that time the models in turn "
+              "after one untimed warm-up call each")
     note = (f"Teacher: {what}; students converted from it, untrained (same cost as trained). Batch 1, greedy, "
-            f"through generate(); decode = median interval of {args.steps} tokens after an untimed warm-up call. "
+            f"through generate(); decode = {timing}. "
             f"'compiled' = cache_implementation='static' + compile_config (backend {cc.backend}, mode {cc.mode}); "
             f"static caches are preallocated to context + {2 * args.steps} tokens. {machine_description()}. "
             "'vs teacher' is the teacher's time (or cache) in the same mode over the model's: above 1 favours "
             "the model.")
     print("\n" + table + "\n\n" + note)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "student_speed.md").write_text("`python benchmarks/student_speed.py`\n\n" + table + "\n\n" + note + "\n")
+    command = " ".join(["python benchmarks/student_speed.py"] + sys.argv[1:])
+    (args.out / f"{args.out_name}.md").write_text(f"`{command}`\n\n" + table + "\n\n" + note + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +158,8 @@ def main():
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out / "student_speed.png", dpi=120)
-    print(f"wrote {args.out / 'student_speed.md'}")
+    fig.savefig(args.out / f"{args.out_name}.png", dpi=120)
+    print(f"wrote {args.out / (args.out_name + '.md')}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def test_student_speed_quick(tmp_path):
     assert (tmp_path / "student_speed.md").exists() and (tmp_path / "student_speed.png").exists()
 
 
+def test_student_speed_in_rounds(tmp_path):
+    out = _run("benchmarks/student_speed.py", "--tiny", "--contexts", "32", "--steps", "3", "--compile-backend", "eager",
+               "--modes", "compiled", "--recipes", "pure-gated-delta", "--rounds", "2", "--out-name", "rounds",
+               "--out", str(tmp_path))
+    assert "| pure gated delta + hedgehog | compiled | 32 |" in out and "median over 2 rounds" in out
+    text = (tmp_path / "rounds.md").read_text()
+    assert text.startswith("`python benchmarks/student_speed.py --tiny") and (tmp_path / "rounds.png").exists()
+
+
 def test_kernel_fit_table(tmp_path):
     # Compiles ahead of time (no interpreter): one family, one shape, one target keep it short.
     import os
