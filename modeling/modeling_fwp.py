@@ -43,10 +43,23 @@ def temporary_folder_beside(target: Path) -> Path:
     with the permissions any new folder gets (``mkdtemp`` makes it private, 0700)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
+    return umask
+
+
+def give_files_default_modes(folder: Path) -> None:
+    """The files of ``folder`` get the permissions any new file gets (0644 under the usual umask): safetensors writes
+    its files private (0600), so saved weights were the one file of a model folder that others could not read."""
+    mode = 0o666 & ~_umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(mode)
 
 
 def _saved_code_differs(where: str, hub_kwargs: dict) -> bool:
@@ -215,6 +228,7 @@ class FWPPreTrainedModel(PreTrainedModel):
         tmp = temporary_folder_beside(target)
         try:
             super().save_pretrained(tmp, *args, **kwargs)
+            give_files_default_modes(tmp)
             if not target.exists():
                 tmp.rename(target)
                 return

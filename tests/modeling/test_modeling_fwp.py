@@ -265,6 +265,20 @@ def test_a_checkpoint_with_per_head_feature_maps_is_refused_with_the_way_to_load
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
 
 
+def test_saved_files_get_the_default_modes(tmp_path):
+    # safetensors writes its files 0600; a saved model folder is readable like any other files the user makes.
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        tiny_model().save_pretrained(tmp_path / "new")
+        tiny_model(seed=1).save_pretrained(tmp_path / "new")  # replacing an existing folder too
+    finally:
+        os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "new").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
 def test_save_pretrained_replaces_a_folder_whole_and_an_interrupted_save_leaves_the_old_model(tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
