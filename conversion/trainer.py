@@ -67,9 +67,7 @@ class DistillationTrainer(Trainer):
             t_logits = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
         weights = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
         T = self.temperature
-        s = F.log_softmax(out.logits.float() / T, dim=-1)
-        t = F.log_softmax(t_logits.float() / T, dim=-1)
-        kl = (t.exp() * (t - s)).sum(-1)
+        kl = distillation_kl(out.logits, t_logits, T)
         loss = self.kl_weight * T * T * (kl * weights).sum() / weights.sum()
         if self.ce_weight:
             labels = inputs.get("labels", ids)
@@ -78,6 +76,49 @@ class DistillationTrainer(Trainer):
             ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             loss = loss + self.ce_weight * ce
         return (loss, out) if return_outputs else loss
+
+
+class _DistillationKL(torch.autograd.Function):
+    """Per-token ``KL(softmax(t / T) || softmax(s / T))`` over the vocabulary, a few rows at a time.
+
+    Written out, the loss makes four float32 tensors of the logits' size (both log-softmaxes, the teacher's
+    probabilities, their difference) and autograd keeps two; with a 49k vocabulary that is 200 MB each for 4 x 256
+    tokens, and on CPU most of their cost is the first touch of fresh memory. Here each block of rows is done while
+    it is in cache, and the only full-size tensor is the gradient, ``(softmax(s / T) - softmax(t / T)) / T``, kept for
+    the backward pass (0.59 -> 0.21 s per step for SmolLM2's logits, forward and backward, on 2 cores)."""
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, T: float, rows: int):
+        V = s_logits.shape[-1]
+        S, Tl = s_logits.detach().reshape(-1, V), t_logits.detach().reshape(-1, V)
+        kl = torch.empty(S.shape[0], dtype=torch.float32, device=S.device)
+        grad = torch.empty(S.shape, dtype=torch.float32, device=S.device) if ctx.needs_input_grad[0] else None
+        for i in range(0, S.shape[0], rows):
+            s = F.log_softmax(S[i:i + rows].float() / T, dim=-1)
+            t = F.log_softmax(Tl[i:i + rows].float() / T, dim=-1)
+            p = t.exp()
+            kl[i:i + rows] = (p * (t - s)).sum(-1)
+            if grad is not None:
+                grad[i:i + rows] = (s.exp_() - p).div_(T)
+        ctx.save_for_backward(grad)
+        ctx.dtype = s_logits.dtype
+        return kl.view(s_logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad.view(*g.shape, -1) * g[..., None]).to(ctx.dtype), None, None, None
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                    rows: int = 64) -> torch.Tensor:
+    """``[..., V]`` student and teacher logits (any float dtypes) -> the per-token ``KL(teacher_T || student_T)``
+    ``[...]`` in float32, differentiable in the student's logits (their dtype for the gradient); computed ``rows``
+    tokens at a time (see :class:`_DistillationKL`)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"distillation_kl: student and teacher logits must have one shape; got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)} (do they share a vocabulary?).")
+    return _DistillationKL.apply(student_logits, teacher_logits, float(temperature), rows)
 
 
 def last_complete_checkpoint(output_dir, *, needs_extra: bool) -> str | None:
@@ -118,8 +159,8 @@ def mean_kl(student, teacher, batches, temperature: float = 1.0) -> float:
     """Token-averaged KL(teacher || student) at ``temperature`` over ``batches`` of ``input_ids``."""
     total, n = 0.0, 0
     for b in batches:
-        s = F.log_softmax(student(input_ids=b["input_ids"]).logits.float() / temperature, -1)
-        t = F.log_softmax(teacher(input_ids=b["input_ids"]).logits.float() / temperature, -1)
-        total += (t.exp() * (t - s)).sum(-1).sum().item()
+        kl = distillation_kl(student(input_ids=b["input_ids"]).logits, teacher(input_ids=b["input_ids"]).logits,
+                             temperature)
+        total += kl.sum().item()
         n += b["input_ids"].numel()
     return total / n

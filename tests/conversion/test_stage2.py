@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from hf_fwp import convert
 from hf_fwp.conversion.data import load_text, pack
-from hf_fwp.conversion.trainer import DistillationTrainer, add_lora, mean_kl
+from hf_fwp.conversion.trainer import DistillationTrainer, add_lora, distillation_kl, mean_kl
 
 TEXT = ("the quick brown fox jumps over the lazy dog . " * 3 + "\n") * 20
 
@@ -71,6 +71,25 @@ def test_bad_data_sources(tmp_path):
     (tmp_path / "short.txt").write_text("a few words\n")
     with pytest.raises(ValueError, match="shorter than one block of 64 tokens"):
         pack(load_text(tmp_path / "short.txt"), _tokenizer(), block_size=64)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_blocked_kl_equals_the_written_out_kl_and_its_gradient(T):
+    torch.manual_seed(0)
+    s = torch.randn(2, 7, 11, dtype=torch.float64, requires_grad=True)
+    t = 3 * torch.randn(2, 7, 11, dtype=torch.float64)
+    w = torch.rand(2, 7, dtype=torch.float64)
+    log_p, log_q = torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)
+    (expected * w).sum().backward()
+    grad, s.grad = s.grad, None
+    kl = distillation_kl(s, t, T, rows=3)  # 14 rows: blocks of 3 and a last one of 2
+    ((kl * w).sum()).backward()
+    torch.testing.assert_close(kl, expected.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s.grad, grad, atol=1e-6, rtol=1e-5)
+    assert s.grad.dtype == s.dtype and (kl >= -1e-6).all()
+    with pytest.raises(ValueError, match="one shape.*vocabulary"):
+        distillation_kl(s, t[..., :10])
 
 
 def test_distillation_lowers_kl_and_merges(tmp_path):
