@@ -3,7 +3,7 @@
 Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D)]``. Learned maps hold their heads'
 weights stacked in one parameter, ``weight [H, D_out, D_in]`` (``nn.Linear``'s order per head) and, for T2R,
 ``bias [H, D]``: two tensors per map instead of one per head, because a compiled decode step checks and passes
-every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost 1.4 ms of a 17 ms token).
+every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost about 1.5 ms of an 18 ms token).
 PEFT targets them as parameters (``LoraConfig(target_parameters=["feature_map_q.weight", ...])``, one LoRA per
 head). State dicts of the earlier per-head layout (``layers.<h>.weight``) still load through ``load_state_dict``.
 
