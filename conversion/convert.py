@@ -3,7 +3,9 @@
 The source is read through the declarative tables of :mod:`hf_fwp.conversion.architectures`. Attention projections,
 MLPs, norms and embeddings are copied; what a softmax layer does not have (feature maps, beta, decay gates, hybrid
 mixing factors) keeps the documented initialisation of ``FWPAttention.reset_fwp_parameters``: learned feature maps
-start at the identity, beta at 0.5, Mamba2 decay gates, the hybrid FWP weight small (``hybrid_mix_init``).
+start at the identity, beta at 0.5, decay gates as ``decay_init`` says, the hybrid FWP weight small
+(``hybrid_mix_init``). A short conv (``use_short_conv=True``) starts as the identity, without activation unless one
+is asked for, so the student's first q/k/v are the teacher's.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from hf_fwp.conversion.architectures import ARCHITECTURES, layer_map, source_lay
 from hf_fwp.modeling import FWPConfig, FWPForCausalLM
 
 # Converted FWP layers start without the parts that would change what the pretrained projections compute
-# (short conv, output norm and gate); pass them in **fwp_options to add them.
+# (short conv, output norm and gate); pass them in **fwp_options to add them (a conv then starts as the identity).
 CONVERSION_DEFAULTS = dict(fwp_rule="gated_delta", feature_map="identity", qk_l2norm=True, use_short_conv=False,
-                           use_output_norm=False, use_output_gate=False)
+                           conv_activation=None, use_output_norm=False, use_output_gate=False)
 
 
 def supported_architectures() -> list[str]:
@@ -133,6 +135,10 @@ def convert(model, *, keep_softmax="none", fwp_layer_type="linear_attention", sl
     copied_but_missing = [k for k in missing if not is_new_fwp_parameter(k)]
     if copied_but_missing and not (config.tie_word_embeddings and copied_but_missing == ["lm_head.weight"]):
         raise KeyError(f"converter left pretrained weights unset: {copied_but_missing}")
+    for layer in out.model.layers:
+        conv = getattr(layer.self_attn, "conv", None)
+        if conv is not None:
+            conv.init_identity()
     if config.tie_word_embeddings:
         out.tie_weights()
     param = next(model.parameters())

@@ -40,7 +40,16 @@ class FWPConfig(PreTrainedConfig):
     qk_l2norm: L2-normalise q and k after phi (required by the delta rules unless ``allow_unnormalized_delta``).
     allow_neg_eigval: beta in (0, 2) instead of (0, 1) (delta rules).
     Decay gate (gated rules, Mamba2 parameterisation): ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)``, per head.
+    decay_init: how the decay gate starts (``a_proj`` at 0 either way). ``"mamba2"``: ``A ~ U(1, 16)``, ``dt ~
+        logU(1e-3, 1e-1)``, per-token decays between about exp(-1.6) and exp(-1e-3) (for training from scratch);
+        ``"slow"``: ``A = 1``, ``dt ~ logU(1e-4, 1e-2)``, decays between exp(-1e-2) and exp(-1e-4), i.e. memories of
+        about 100 to 10,000 tokens: a converted student starts close to the undecayed attention of its teacher and
+        learns where to forget.
     use_short_conv / conv_size / conv_activation: causal depthwise conv on q, k, v before phi.
+    fwp_rotary: rotate the FWP's q and k by the model's RoPE (after the conv, before phi), as softmax layers rotate
+        theirs. Without it (or a conv, or decay) an FWP layer knows the order of its context only through
+        causality; converted students then keep the teacher's positional signal in q.k (``position_embedding_type``
+        must be ``"rope"``).
     use_output_norm / use_output_gate: per-head RMSNorm of the FWP output, optionally times ``silu(g_proj(x))``.
     normalize_attention: classic linear attention with the denominator ``phi(q)^T sum phi(k)`` (linear rules only).
     fwp_scale: query scale of the FWP read-out (default ``feature_dim ** -0.5``).
@@ -102,7 +111,9 @@ class FWPConfig(PreTrainedConfig):
     qk_l2norm: bool = True
     allow_unnormalized_delta: bool = False
     allow_neg_eigval: bool = False
+    decay_init: str = "mamba2"
     use_short_conv: bool = True
+    fwp_rotary: bool = False
     conv_size: int = 4
     conv_activation: str | None = "silu"
     use_output_norm: bool = True
@@ -159,6 +170,7 @@ class FWPConfig(PreTrainedConfig):
         _choice("fwp_backend", self.fwp_backend, ("auto", "naive", "chunk", "triton"))
         _choice("fwp_state_heads", self.fwp_state_heads, ("query", "kv"))
         _choice("conv_activation", self.conv_activation, (None, "silu"))
+        _choice("decay_init", self.decay_init, ("mamba2", "slow"))
         _choice("hybrid_combine", self.hybrid_combine, ("lerp", "shared_normalizer"))
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "vocab_size", "intermediate_size", "chunk_size", "max_position_embeddings"):
@@ -242,6 +254,9 @@ class FWPConfig(PreTrainedConfig):
                 raise ValueError("FWPConfig: hybrid_combine='shared_normalizer' shares the softmax normaliser with "
                                  "the FWP's own denominator: set normalize_attention=True (a linear rule with "
                                  "non-negative features) and use_output_norm=False.")
+        if self.fwp_rotary and self.position_embedding_type != "rope":
+            raise ValueError(f"FWPConfig: fwp_rotary=True rotates the FWP's q/k by RoPE, but position_embedding_type "
+                             f"is {self.position_embedding_type!r}; set fwp_rotary=False or use 'rope'.")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError(f"FWPConfig: RoPE needs an even head_dim, got {self.head_dim}.")
 
@@ -314,7 +329,7 @@ class FWPConfig(PreTrainedConfig):
 
 _BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "attention_bias", "attention_output_bias", "mlp_bias", "qk_norm",
                 "share_feature_map", "qk_l2norm", "allow_unnormalized_delta", "allow_neg_eigval", "use_short_conv",
-                "use_output_norm", "use_output_gate", "normalize_attention")
+                "fwp_rotary", "use_output_norm", "use_output_gate", "normalize_attention")
 # Keys a saved config.json may carry beside the fields (transformers' own bookkeeping).
 _METADATA_KEYS = {"auto_map", "model_type", "architectures", "transformers_version", "dtype", "torch_dtype",
                   "_name_or_path", "name_or_path", "hf_fwp_version"}

@@ -16,6 +16,7 @@ from .layers_conv import ShortConvolution
 from .layers_feature_maps import FeatureMap, feature_dim
 from .layers_linear import Linear
 from .layers_norms import GatedRMSNorm
+from .layers_rotary import apply_rotary_bthd
 from .layers_softmax_attention import QKVProjections, SoftmaxBranch
 from .ops_delta_rule import delta_rule
 from .ops_linear_attn import linear_attention
@@ -125,8 +126,9 @@ class FWPAttention(QKVProjections):
         """Initialise what a pretrained softmax layer does not have (documented defaults):
 
         * beta: ``b_proj`` weight 0 and bias 0, so beta starts at 0.5 (1.0 with negative eigenvalues allowed);
-        * decay: Mamba2's ``A ~ U(1, 16)`` and ``dt ~ logU(1e-3, 1e-1)`` through ``dt_bias``, ``a_proj`` weight 0,
-          i.e. per-head decays between about exp(-1.6) and exp(-1e-3) per token;
+        * decay: ``a_proj`` weight 0 and, through ``A_log`` and ``dt_bias``, ``config.decay_init``: Mamba2's
+          ``A ~ U(1, 16)``, ``dt ~ logU(1e-3, 1e-1)`` (per-head decays between about exp(-1.6) and exp(-1e-3) per
+          token), or ``"slow"``: ``A = 1``, ``dt ~ logU(1e-4, 1e-2)`` (between exp(-1e-2) and exp(-1e-4));
         * learned feature maps: identity (see ``FeatureMap.reset_parameters``);
         * hybrid mixing: lambda = ``config.hybrid_mix_init`` for every head (small: start close to the softmax window).
         """
@@ -136,8 +138,12 @@ class FWPAttention(QKVProjections):
             self.b_proj.bias.zero_()
         if hasattr(self, "a_proj"):
             self.a_proj.weight.zero_()
-            self.A_log.copy_(torch.empty(H).uniform_(1.0, 16.0).log())
-            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            if self.config.decay_init == "slow":
+                self.A_log.zero_()
+                dt = torch.exp(torch.empty(H).uniform_(math.log(1e-4), math.log(1e-2)))
+            else:
+                self.A_log.copy_(torch.empty(H).uniform_(1.0, 16.0).log())
+                dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         if hasattr(self, "mix_logit"):
             p = self.config.hybrid_mix_init
@@ -168,6 +174,9 @@ class FWPAttention(QKVProjections):
             fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
         else:
             fq, fk, fv = q, k, v
+        if self.config.fwp_rotary:
+            cos, sin = position_embeddings
+            fq, fk = apply_rotary_bthd(fq, cos, sin), apply_rotary_bthd(fk, cos, sin)
         Hs = self.state_heads
         if Hkv != Hs:
             # State head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).

@@ -50,3 +50,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x [B, heads, T, D]`` by ``cos, sin [B, T, D]``."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, D]`` (the FWP layout) by ``cos, sin [B, T, D]``."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return x * cos + rotate_half(x) * sin

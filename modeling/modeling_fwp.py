@@ -266,7 +266,8 @@ class FWPModel(FWPPreTrainedModel):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(FWPDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
-        needs_rope = config.position_embedding_type == "rope" and any(t != "linear_attention" for t in config.layer_types)
+        needs_rope = config.position_embedding_type == "rope" and (
+            config.fwp_rotary or any(t != "linear_attention" for t in config.layer_types))
         self.rotary_emb = RotaryEmbedding(config) if needs_rope else None
         self.post_init()
 

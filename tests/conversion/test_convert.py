@@ -69,6 +69,25 @@ def test_fwp_conversion_runs_and_generates(name, options):
         1 if options.get("keep_softmax") == 2 else 0)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+def test_a_short_conv_starts_as_the_identity(name):
+    # Conversion adds parts a softmax layer lacks at values that leave its q/k/v as they were: with a conv (and
+    # RoPE on the FWP's q/k, for rotary sources) the converted student computes what the one without it computes.
+    torch.manual_seed(0)
+    src = _randomize(_sources()[name]())
+    options = dict(fwp_rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True)
+    plain, with_conv = convert(src, **options), convert(src, use_short_conv=True, **options)
+    assert with_conv.config.conv_activation is None
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(with_conv(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+        if name != "gpt2":
+            rotary = convert(src, fwp_rotary=True, **options)
+            assert not torch.allclose(rotary(ids).logits, plain(ids).logits, atol=1e-3)
+    trained = convert(src, use_short_conv=True, conv_activation="silu", **options)
+    assert trained.config.conv_activation == "silu"
+
+
 def test_layer_plans():
     src = ["full_attention"] * 4
     assert plan_layer_types(4, src, "none") == ["linear_attention"] * 4

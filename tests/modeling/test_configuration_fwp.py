@@ -30,6 +30,8 @@ from hf_fwp import FWPConfig
         (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta must be a positive number"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}), "rope_theta must be a positive"),
         (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "are incomplete: Missing required keys"),
+        (dict(fwp_rotary=True, position_embedding_type="learned"), "fwp_rotary=True rotates the FWP's q/k by RoPE"),
+        (dict(fwp_rotary=1), "`fwp_rotary` must be True or False"),
         (dict(fwp_scale=float("nan")), "`fwp_scale` must be None or a positive number"),
         (dict(hybrid_window=8), "hybrid_window=8 sets the window of hybrid_sliding layers and there are none"),
         (dict(fwp_state_heads="kv", share_feature_map=True, num_attention_heads=8, num_key_value_heads=2),

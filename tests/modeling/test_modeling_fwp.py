@@ -59,6 +59,9 @@ def test_kv_states_are_query_states_with_each_groups_parameters_shared(rule):
     dict(feature_map="elu_plus_one", fwp_rule="linear", normalize_attention=True, qk_l2norm=False, use_output_norm=False),
     dict(position_embedding_type="learned", norm_type="layer", mlp_type="plain", hidden_act="gelu_new",
          attention_bias=True, attention_output_bias=True, mlp_bias=True, layout="hybrid"),
+    dict(fwp_rotary=True, feature_map="hedgehog", fwp_rule="linear", normalize_attention=True, qk_l2norm=False,
+         use_short_conv=False, fwp_state_heads="kv"),
+    dict(fwp_rotary=True, layout="lolcats", fwp_rule="gated_delta"),
     dict(qk_norm=True, tie_word_embeddings=True, layout="hybrid",
          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
 ])
@@ -73,9 +76,9 @@ def test_options_keep_cache_consistency(options):
     assert rel_err(torch.cat([out.logits, *rest], 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(LAYOUTS) + ["fwp_rotary"])
 def test_left_padded_rows_equal_rows_alone(layout):
-    model = tiny_model(layout=layout)
+    model = tiny_model(layout=layout) if layout != "fwp_rotary" else tiny_model(layout="fwp", fwp_rotary=True)
     a, b = torch.randint(3, 64, (1, 9)), torch.randint(3, 64, (1, 5))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
@@ -87,6 +90,32 @@ def test_left_padded_rows_equal_rows_alone(layout):
     gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(gen[1, 4:], model.generate(b, max_new_tokens=6, do_sample=False)[0])
     assert torch.equal(gen[0], model.generate(a, max_new_tokens=6, do_sample=False)[0])
+
+
+def test_fwp_rotary_gives_an_fwp_layer_the_order_of_its_context():
+    # Linear attention without conv or decay reads its context as a set: the last token's output is the same for
+    # any order of the tokens before it. RoPE on the FWP's q/k (fwp_rotary) makes it depend on their order.
+    options = dict(layout="fwp", fwp_rule="linear", feature_map="hedgehog", normalize_attention=True,
+                   qk_l2norm=False, use_short_conv=False, num_hidden_layers=1, layer_types=["linear_attention"])
+    ids = torch.randint(3, 64, (1, 9))
+    shuffled = torch.cat([ids[:, :8].flip(1), ids[:, 8:]], 1)
+    for rotary, order_matters in ((False, False), (True, True)):
+        model = tiny_model(fwp_rotary=rotary, **options)
+        with torch.no_grad():
+            a, b = model(ids).logits[0, -1], model(shuffled).logits[0, -1]
+        assert (rel_err(a, b) > 1e-3) == order_matters, rotary
+
+
+@pytest.mark.parametrize("decay_init, low, high", [("mamba2", 1e-3, 1.6), ("slow", 1e-4, 1e-2)])
+def test_decay_init_sets_the_range_of_per_token_decays(decay_init, low, high):
+    model = tiny_model(rule="gated_linear", fwp_state_heads="query", decay_init=decay_init, num_attention_heads=8,
+                       num_key_value_heads=8, hidden_size=64)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        rate = attn.A_log.exp() * torch.nn.functional.softplus(attn.dt_bias)  # -log(decay) per token, a_proj at 0
+        assert (attn.a_proj.weight == 0).all()
+        assert rate.min() >= low * (1 - 1e-4) and rate.max() <= high * (1 + 1e-4)
+        assert rate.max() / rate.min() > 2  # heads spread over the range
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
