@@ -30,7 +30,7 @@ from generation import MODES, compile_config, measure, timed_generate  # noqa: E
 
 # --recipes name -> (name in the tables, NAMED_RECIPES name (the CLI's --recipe), Recipe fields on top).
 RECIPES = {"hybrid": ("hybrid (default recipe)", "hybrid", {}),
-           "pure-fwp": ("pure-fwp (linear + hedgehog)", "pure-fwp", {}),
+           "pure-fwp": ("pure-fwp (gated linear + hedgehog)", "pure-fwp", {}),
            "pure-gated-delta": ("pure gated delta + hedgehog", "pure-fwp", {"fwp_rule": "gated_delta"})}
 
 
@@ -105,7 +105,7 @@ def main():
         models["teacher + hf-fwp Linear"] = twin
     for name in args.recipes:
         label, recipe, fields = RECIPES[name]
-        models[label] = convert(teacher, **named_recipe(recipe, **fields).convert_options()).eval()
+        models[label] = convert(teacher, **named_recipe(recipe, **fields).convert_options(teacher)).eval()
     models = {name: m.to(args.device) for name, m in models.items()}
     rows, res = [], {}
     for ctx in args.contexts:

@@ -90,7 +90,8 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
     g.add_argument("--recipe", default="hybrid", choices=list(NAMED_RECIPES),
                    help="named layout: hybrid (a softmax window + Hedgehog linear attention in every layer) or "
-                   "pure-fwp (Hedgehog linear attention alone, no softmax: decode memory constant in the context); the "
+                   "pure-fwp (gated Hedgehog linear attention with RoPE and a short conv, no softmax: decode memory "
+                   "constant in the context); the "
                    "flags below change single fields of it (default: %(default)s)")
     g.add_argument("--rule", default=None, choices=FWP_RULES, help="FWP rule of the converted layers "
                    f"(default: {d.fwp_rule}; pure-fwp: {NAMED_RECIPES['pure-fwp']['fwp_rule']})")
@@ -132,7 +133,7 @@ def _layout(args) -> dict:
 
 
 def _recipe_from(args):
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.pipeline import Recipe, named_recipe
 
     layout = _layout(args)
     window = args.window
@@ -150,7 +151,8 @@ def _recipe_from(args):
 
     try:
         return Recipe(**layout, keep_softmax=_parse_keep(args.keep_softmax), sliding_window=window,
-                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine)
+                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine,
+                      fwp_options=dict(named_recipe(args.recipe).fwp_options))
     except RecipeError as e:
         raise _flag_error(e) from None
 
@@ -208,7 +210,7 @@ def _convert_run(args) -> int:
     teacher, tokenizer = _load_teacher(args.teacher)
     _check_layout_has_fwp_layers(args, teacher)
     try:
-        student = convert(teacher, **recipe.convert_options())
+        student = convert(teacher, **recipe.convert_options(teacher))
         with atomic_folder(args.output, overwrite=args.overwrite, flag="--overwrite") as tmp:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -85,14 +85,18 @@ def test_named_recipes(teacher_dir, capsys):
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp"]) == 0
     assert "2 FWP layers (linear_attention)" in capsys.readouterr().out
     config, recipe = FWPConfig.from_pretrained(out), named_recipe("pure-fwp")
-    assert (config.fwp_rule, config.feature_map) == ("linear", "hedgehog") == (recipe.fwp_rule, recipe.feature_map)
+    assert (config.fwp_rule, config.feature_map) == ("gated_linear", "hedgehog") == (recipe.fwp_rule,
+                                                                                     recipe.feature_map)
     assert config.layer_types == ["linear_attention"] * 2 and config.sliding_window is None
     assert config.normalize_attention and not config.qk_l2norm  # what Recipe.convert_options() gives this layout
+    # The parts that give the FWP the order of its context come with the named recipe (its fwp_options).
+    assert (config.decay_init, config.fwp_rotary, config.use_short_conv) == ("slow", True, True)
     # A flag changes one field of the named recipe.
     out = teacher_dir / "pure-delta"
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0
     config = FWPConfig.from_pretrained(out)
     assert (config.fwp_rule, config.feature_map, config.layer_types[0]) == ("delta", "hedgehog", "linear_attention")
+    assert config.fwp_rotary and config.use_short_conv
     capsys.readouterr()
     fresh = str(teacher_dir / "never-written")
     assert main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "pure-fwp", "--window", "16"]) == 2

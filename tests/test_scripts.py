@@ -36,7 +36,7 @@ def test_benchmarks_quick(tmp_path, script):
 def test_student_speed_quick(tmp_path):
     out = _run("benchmarks/student_speed.py", "--tiny", "--contexts", "32", "--steps", "3", "--compile-backend", "eager",
                "--teacher-with-fwp-linear", "--out", str(tmp_path))
-    for row in ("| pure-fwp (linear + hedgehog) | compiled | 32 |", "| teacher | eager | 32 |",
+    for row in ("| pure-fwp (gated linear + hedgehog) | compiled | 32 |", "| teacher | eager | 32 |",
                 "| hybrid (default recipe) | compiled | 32 |", "| teacher + hf-fwp Linear | compiled | 32 |"):
         assert row in out
     assert (tmp_path / "student_speed.md").exists() and (tmp_path / "student_speed.png").exists()

@@ -235,6 +235,25 @@ def test_recipe_picks_how_hybrid_layers_join_their_branches():
         pipeline.Recipe(fwp_options={"hybrid_combine": "lerp"})
 
 
+def test_the_pure_recipe_rotates_fwp_queries_only_for_rotary_teachers():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    recipe = pipeline.named_recipe("pure-fwp")
+    assert recipe.fwp_options["fwp_rotary"] and pipeline.NAMED_RECIPES["pure-fwp"]["fwp_options"]["fwp_rotary"]
+    recipe.fwp_options["fwp_rotary"] = False  # a recipe's own copy: the named layout stays as it was
+    assert pipeline.named_recipe("pure-fwp").fwp_options["fwp_rotary"]
+    recipe = pipeline.named_recipe("pure-fwp")
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    assert recipe.convert_options(llama)["fwp_rotary"] and recipe.convert_options()["fwp_rotary"]
+    # GPT-2 adds learned positions to its hidden states: its q/k carry them already, and RoPE is not its own.
+    assert "fwp_rotary" not in recipe.convert_options(gpt2)
+    student = pipeline.convert(gpt2, **recipe.convert_options(gpt2))
+    assert not student.config.fwp_rotary and student.config.use_short_conv
+    assert pipeline.convert(llama, **recipe.convert_options(llama)).config.fwp_rotary
+
+
 def test_held_out_sets_may_be_longer_than_the_training_blocks(tmp_path):
     from dataclasses import replace
 

@@ -112,6 +112,22 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
     assert torch.equal(compiled, expected)
 
 
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_pure_recipes_layers_decode_static_and_compiled_like_eager(backend):
+    # What the pure-fwp recipe converts to: every layer FWP, so positions for the FWP's RoPE come from an all-recurrent
+    # cache; a slow-started decay gate, a short conv and grouped states on top.
+    torch._dynamo.reset()
+    model = tiny_model(layout="fwp", rule="gated_linear", feature_map="hedgehog", normalize_attention=True,
+                       qk_l2norm=False, fwp_rotary=True, decay_init="slow", conv_activation=None,
+                       fwp_state_heads="kv", use_output_norm=False, use_output_gate=False)
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config(backend), **kwargs)
+    assert torch.equal(compiled, expected)
+
+
 @pytest.mark.parametrize("layout,feature_map", [("lolcats", "hedgehog"), ("hybrid", "t2r")])
 def test_inductor_single_row_decode_gives_the_eager_tokens(layout, feature_map):
     # Batch 1: every linear layer and learned feature map takes its compiled single-row (product-and-sum) path.
