@@ -90,7 +90,7 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
     g.add_argument("--recipe", default="hybrid", choices=list(NAMED_RECIPES),
                    help="named layout: hybrid (a softmax window + Hedgehog linear attention in every layer) or "
-                   "pure-fwp (gated Hedgehog linear attention with RoPE and a short conv, no softmax: decode memory "
+                   "pure-fwp (gated Hedgehog linear attention with a short conv, no softmax: decode memory "
                    "constant in the context); the "
                    "flags below change single fields of it (default: %(default)s)")
     g.add_argument("--rule", default=None, choices=FWP_RULES, help="FWP rule of the converted layers "

@@ -90,13 +90,13 @@ def test_named_recipes(teacher_dir, capsys):
     assert config.layer_types == ["linear_attention"] * 2 and config.sliding_window is None
     assert config.normalize_attention and not config.qk_l2norm  # what Recipe.convert_options() gives this layout
     # The parts that give the FWP the order of its context come with the named recipe (its fwp_options).
-    assert (config.decay_init, config.fwp_rotary, config.use_short_conv) == ("slow", True, True)
+    assert (config.decay_init, config.use_short_conv, config.conv_activation) == ("slow", True, None)
     # A flag changes one field of the named recipe.
     out = teacher_dir / "pure-delta"
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0
     config = FWPConfig.from_pretrained(out)
     assert (config.fwp_rule, config.feature_map, config.layer_types[0]) == ("delta", "hedgehog", "linear_attention")
-    assert config.fwp_rotary and config.use_short_conv
+    assert config.use_short_conv and not config.fwp_rotary
     capsys.readouterr()
     fresh = str(teacher_dir / "never-written")
     assert main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "pure-fwp", "--window", "16"]) == 2

@@ -235,14 +235,10 @@ def test_recipe_picks_how_hybrid_layers_join_their_branches():
         pipeline.Recipe(fwp_options={"hybrid_combine": "lerp"})
 
 
-def test_the_pure_recipe_rotates_fwp_queries_only_for_rotary_teachers():
+def test_fwp_rotary_of_a_recipe_applies_to_rotary_teachers_only():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    recipe = pipeline.named_recipe("pure-fwp")
-    assert recipe.fwp_options["fwp_rotary"] and pipeline.NAMED_RECIPES["pure-fwp"]["fwp_options"]["fwp_rotary"]
-    recipe.fwp_options["fwp_rotary"] = False  # a recipe's own copy: the named layout stays as it was
-    assert pipeline.named_recipe("pure-fwp").fwp_options["fwp_rotary"]
-    recipe = pipeline.named_recipe("pure-fwp")
+    recipe = pipeline.named_recipe("pure-fwp", fwp_options={"fwp_rotary": True, "use_short_conv": True})
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=64))
@@ -252,6 +248,13 @@ def test_the_pure_recipe_rotates_fwp_queries_only_for_rotary_teachers():
     student = pipeline.convert(gpt2, **recipe.convert_options(gpt2))
     assert not student.config.fwp_rotary and student.config.use_short_conv
     assert pipeline.convert(llama, **recipe.convert_options(llama)).config.fwp_rotary
+
+
+def test_named_recipes_are_copies():
+    recipe = pipeline.named_recipe("pure-fwp")
+    recipe.fwp_options["use_short_conv"] = False  # a recipe's own copy: the named layout stays as it was
+    assert pipeline.named_recipe("pure-fwp").fwp_options["use_short_conv"]
+    assert pipeline.NAMED_RECIPES["pure-fwp"]["fwp_options"]["use_short_conv"]
 
 
 def test_held_out_sets_may_be_longer_than_the_training_blocks(tmp_path):

@@ -114,8 +114,8 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(layout):
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_the_pure_recipes_layers_decode_static_and_compiled_like_eager(backend):
-    # What the pure-fwp recipe converts to: every layer FWP, so positions for the FWP's RoPE come from an all-recurrent
-    # cache; a slow-started decay gate, a short conv and grouped states on top.
+    # What the pure-fwp recipe converts to (every layer FWP, a slow-started decay gate, a short conv without
+    # activation, grouped states) with fwp_rotary on top: positions for the FWP's RoPE come from an all-recurrent cache.
     torch._dynamo.reset()
     model = tiny_model(layout="fwp", rule="gated_linear", feature_map="hedgehog", normalize_attention=True,
                        qk_l2norm=False, fwp_rotary=True, decay_init="slow", conv_activation=None,
