@@ -43,13 +43,14 @@ class FWPConfig(PreTrainedConfig):
     decay_init: how the decay gate starts (``a_proj`` at 0 either way). ``"mamba2"``: ``A ~ U(1, 16)``, ``dt ~
         logU(1e-3, 1e-1)``, per-token decays between about exp(-1.6) and exp(-1e-3) (for training from scratch);
         ``"slow"``: ``A = 1``, ``dt ~ logU(1e-4, 1e-2)``, decays between exp(-1e-2) and exp(-1e-4), i.e. memories of
-        about 100 to 10,000 tokens: a converted student starts close to the undecayed attention of its teacher and
-        learns where to forget.
+        about 100 to 10,000 tokens (a student then starts close to undecayed attention; for a converted SmolLM2
+        it measured worse than Mamba2's: benchmarks/results/recipe_experiments.md).
     use_short_conv / conv_size / conv_activation: causal depthwise conv on q, k, v before phi.
     fwp_rotary: rotate the FWP's q and k by the model's RoPE (after the conv, before phi), as softmax layers rotate
         theirs. Without it (or a conv, or decay) an FWP layer knows the order of its context only through
         causality; converted students then keep the teacher's positional signal in q.k (``position_embedding_type``
-        must be ``"rope"``).
+        must be ``"rope"``). Learned feature maps see only the rotations of the positions they were trained on:
+        for a converted SmolLM2 it helped at the trained length and hurt beyond it (recipe_experiments.md).
     use_output_norm / use_output_gate: per-head RMSNorm of the FWP output, optionally times ``silu(g_proj(x))``.
     normalize_attention: classic linear attention with the denominator ``phi(q)^T sum phi(k)`` (linear rules only).
     fwp_scale: query scale of the FWP read-out (default ``feature_dim ** -0.5``).

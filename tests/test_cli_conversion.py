@@ -90,7 +90,7 @@ def test_named_recipes(teacher_dir, capsys):
     assert config.layer_types == ["linear_attention"] * 2 and config.sliding_window is None
     assert config.normalize_attention and not config.qk_l2norm  # what Recipe.convert_options() gives this layout
     # The parts that give the FWP the order of its context come with the named recipe (its fwp_options).
-    assert (config.decay_init, config.use_short_conv, config.conv_activation) == ("slow", True, None)
+    assert (config.decay_init, config.use_short_conv, config.conv_activation) == ("mamba2", True, None)
     # A flag changes one field of the named recipe.
     out = teacher_dir / "pure-delta"
     assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0

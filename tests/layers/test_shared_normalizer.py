@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hf_fwp import FWPConfig
 from hf_fwp.modeling.layers_fwp_attention import FWPAttention
 from tests.modeling.helpers import rel_err, tiny_model
-from tests.modeling.test_compiled_generation import _compile_config, _padded_batch
+from tests.modeling.test_compiled_generation import assert_static_and_compiled_give_the_eager_tokens
 
 SHARED = dict(layout="lolcats", rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True,
               use_output_norm=False, use_short_conv=False, hybrid_combine="shared_normalizer")
@@ -89,13 +89,7 @@ def test_left_padded_rows_generate_what_they_generate_alone():
 def test_static_cache_and_compiled_decoding_give_the_eager_tokens(backend):
     # fullgraph=True: the delayed writes' buffer must be traceable without a host sync, left padding included.
     torch._dynamo.reset()
-    model = tiny_model(fwp_state_heads="kv", **SHARED)
-    ids, mask = _padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
-    eager = model.generate(ids, **kwargs)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), eager)
-    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config(backend), **kwargs)
-    assert torch.equal(compiled, eager)
+    assert_static_and_compiled_give_the_eager_tokens(tiny_model(fwp_state_heads="kv", **SHARED), backend, 10)
 
 
 def test_the_delayed_writes_live_in_the_cache_with_a_constant_size():

@@ -26,6 +26,16 @@ def _compile_config(backend: str) -> CompileConfig:
     return config
 
 
+def assert_static_and_compiled_give_the_eager_tokens(model, backend: str = "eager", max_new_tokens: int = 8) -> None:
+    """Greedy tokens of a left-padded batch: eager (dynamic cache) == static cache == static cache compiled."""
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config(backend), **kwargs)
+    assert torch.equal(compiled, expected)
+
+
 def test_the_model_declares_what_transformers_checks_before_compiling():
     model = tiny_model(layout="hybrid")
     assert model._can_compile_fullgraph and model._is_stateful
@@ -91,13 +101,7 @@ def test_compiled_decode_is_one_graph_and_gives_the_eager_tokens(rule, layout):
 @pytest.mark.parametrize("rule", RULES)
 def test_states_shared_by_query_groups_decode_static_and_compiled_like_eager(rule):
     torch._dynamo.reset()
-    model = tiny_model(rule=rule, layout="lolcats", fwp_state_heads="kv")
-    ids, mask = _padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
-    expected = model.generate(ids, **kwargs)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
-    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config("eager"), **kwargs)
-    assert torch.equal(compiled, expected)
+    assert_static_and_compiled_give_the_eager_tokens(tiny_model(rule=rule, layout="lolcats", fwp_state_heads="kv"))
 
 
 @pytest.mark.parametrize("layout", ["fwp", "lolcats"])
@@ -120,12 +124,7 @@ def test_the_pure_recipes_layers_decode_static_and_compiled_like_eager(backend):
     model = tiny_model(layout="fwp", rule="gated_linear", feature_map="hedgehog", normalize_attention=True,
                        qk_l2norm=False, fwp_rotary=True, decay_init="slow", conv_activation=None,
                        fwp_state_heads="kv", use_output_norm=False, use_output_gate=False)
-    ids, mask = _padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
-    expected = model.generate(ids, **kwargs)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
-    compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config(backend), **kwargs)
-    assert torch.equal(compiled, expected)
+    assert_static_and_compiled_give_the_eager_tokens(model, backend)
 
 
 @pytest.mark.parametrize("layout,feature_map", [("lolcats", "hedgehog"), ("hybrid", "t2r")])
