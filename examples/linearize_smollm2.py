@@ -87,7 +87,8 @@ def main():
                     help="weight of the next-token cross-entropy added to the stage-2 KL (default: the recipe's)")
     ap.add_argument("--fields", type=_json_object, default={}, metavar="JSON",
                     help="Recipe fields on top of each recipe, e.g. '{\"fwp_rule\": \"gated_linear\", "
-                    "\"fwp_options\": {\"decay_init\": \"slow\"}}' (how the recipe experiments were run)")
+                    "\"fwp_options\": {\"decay_init\": \"slow\"}}' (how the recipe experiments were run); "
+                    "fwp_options are added to the recipe's own")
     ap.add_argument("--eval-blocks", type=int, default=32, help="blocks per held-out set")
     ap.add_argument("--long-block-size", type=int, default=1024,
                     help="also score every held-out set on blocks this long (0: skip), where the FWP branch carries "
@@ -133,7 +134,10 @@ def main():
                       stage2_steps=args.stage2_steps, save_steps=max(1, args.stage2_steps // 4),
                       **{f: getattr(args, f) for f in ("stage2_lr", "temperature", "ce_weight")
                          if getattr(args, f) is not None})
-        recipe = replace(RECIPES[name], **{**fields, **args.fields})
+        extra = dict(args.fields)
+        if "fwp_options" in extra:  # added to the recipe's own (pure-fwp's conv stays unless set to false)
+            extra["fwp_options"] = {**RECIPES[name].fwp_options, **extra["fwp_options"]}
+        recipe = replace(RECIPES[name], **{**fields, **extra})
         out = args.out / name
         print(f"\n=== recipe {name} -> {out}")
         result = run(teacher, tokenizer, train, held, recipe, out, resume=args.resume, prompts=PROMPTS,

@@ -90,7 +90,8 @@ def test_linearize_smollm2_quick(tmp_path):
                "--fields", '{"fwp_options": {"fwp_rotary": true}}')
     assert "logits identical = True" in out
     for name in ("pure-fwp", "hybrid"):
-        assert json.loads((tmp_path / name / "model" / "config.json").read_text())["fwp_rotary"] is True
+        config = json.loads((tmp_path / name / "model" / "config.json").read_text())
+        assert config["fwp_rotary"] is True and config["use_short_conv"] is (name == "pure-fwp")  # added, not replaced
     assert "| pure-fwp |" in out and "| hybrid |" in out and "mean ratio" in out and "package READMEs" in out
     assert "mean ratio @128" in out and "on 128-token blocks: student / teacher perplexity" in out
     assert (tmp_path / "hybrid" / "model" / "README.md").exists()
