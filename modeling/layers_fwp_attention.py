@@ -16,7 +16,7 @@ from .layers_conv import ShortConvolution
 from .layers_feature_maps import FeatureMap, feature_dim
 from .layers_linear import Linear
 from .layers_norms import GatedRMSNorm
-from .layers_rotary import apply_rotary_bthd
+from .layers_rotary import apply_rotary
 from .layers_softmax_attention import QKVProjections, SoftmaxBranch
 from .ops_delta_rule import delta_rule
 from .ops_linear_attn import linear_attention
@@ -176,7 +176,7 @@ class FWPAttention(QKVProjections):
             fq, fk, fv = q, k, v
         if self.config.fwp_rotary:
             cos, sin = position_embeddings
-            fq, fk = apply_rotary_bthd(fq, cos, sin), apply_rotary_bthd(fk, cos, sin)
+            fq, fk = apply_rotary(fq, cos, sin, heads_dim=2), apply_rotary(fk, cos, sin, heads_dim=2)
         Hs = self.state_heads
         if Hkv != Hs:
             # State head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).

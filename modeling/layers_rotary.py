@@ -46,13 +46,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, heads, T, D]`` by ``cos, sin [B, T, D]``."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
-
-
-def apply_rotary_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, D]`` (the FWP layout) by ``cos, sin [B, T, D]``."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotate ``x`` by ``cos, sin [B, T, D]``; ``x`` is ``[B, heads, T, D]`` (``heads_dim=1``, softmax layers) or
+    ``[B, T, heads, D]`` (``heads_dim=2``, the FWP layout)."""
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     return x * cos + rotate_half(x) * sin
