@@ -124,16 +124,17 @@ def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
 
 
 def _layout(args) -> dict:
-    """``fwp_rule``, ``feature_map`` and ``fwp_layer_type``: each flag given, else the --recipe's field."""
+    """``fwp_rule``, ``feature_map`` and ``fwp_layer_type``: each flag given, else the --recipe's field; and the
+    --recipe's ``fwp_options`` (no flag sets them)."""
     from hf_fwp.conversion.pipeline import named_recipe
 
     named = named_recipe(args.recipe)
     return {"fwp_rule": args.rule or named.fwp_rule, "feature_map": args.feature_map or named.feature_map,
-            "fwp_layer_type": args.layer_type or named.fwp_layer_type}
+            "fwp_layer_type": args.layer_type or named.fwp_layer_type, "fwp_options": named.fwp_options}
 
 
 def _recipe_from(args):
-    from hf_fwp.conversion.pipeline import Recipe, named_recipe
+    from hf_fwp.conversion.pipeline import Recipe
 
     layout = _layout(args)
     window = args.window
@@ -151,8 +152,7 @@ def _recipe_from(args):
 
     try:
         return Recipe(**layout, keep_softmax=_parse_keep(args.keep_softmax), sliding_window=window,
-                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine,
-                      fwp_options=dict(named_recipe(args.recipe).fwp_options))
+                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine)
     except RecipeError as e:
         raise _flag_error(e) from None
 
