@@ -89,6 +89,80 @@ def transfer_errors(student, teacher, batches: Iterable[dict]) -> dict[int, floa
     return {i: v / max(n, 1) for i, v in totals.items()}
 
 
+# Queries in the first quarter of a block are left out of a head's span: with few keys behind them every head
+# would look local.
+_SPAN_FROM = 0.25
+
+
+@torch.no_grad()
+def teacher_attention_spans(teacher, batches: Iterable[dict], *, sinks: int = 1) -> dict[int, torch.Tensor]:
+    """Per teacher layer: ``[H]`` float32, how far back each head reads: the mean distance in tokens from a query to
+    the keys, weighted by the head's attention.
+
+    ``batches``: dicts with ``input_ids [B, T]`` of unpadded blocks (packed text), run one row at a time through the
+    teacher with eager attention (its attention weights, ``[H, T, T]`` per layer, are held for one row). The first
+    ``sinks`` keys of a block are left out and the rest renormalised: many heads park their attention on the first
+    token (an attention sink), which says nothing about how far back they read. Queries in the first quarter of a
+    block are left out too (see ``_SPAN_FROM``).
+    """
+    device = next(teacher.parameters()).device
+    impl = teacher.config._attn_implementation
+    teacher.set_attn_implementation("eager")
+    try:
+        totals, rows = {}, 0
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("teacher_attention_spans needs unpadded blocks (packed text); got padding.")
+            for ids in batch["input_ids"].to(device):
+                T = ids.shape[0]
+                first = max(sinks + 1, int(T * _SPAN_FROM))
+                if first >= T:
+                    raise ValueError(f"blocks of {T} tokens are too short to measure attention spans; use blocks of "
+                                     f"at least {2 * (sinks + 2)} tokens.")
+                pos = torch.arange(T, device=device, dtype=torch.float32)
+                dist = (pos[first:, None] - pos[None, sinks:]).clamp_min(0)  # [Tq, S]; keys after a query have 0
+                attentions = teacher(input_ids=ids[None], output_attentions=True).attentions
+                for i, a in enumerate(attentions):
+                    a = a[0, :, first:, sinks:].float()  # [H, Tq, S]
+                    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+                    totals[i] = totals.get(i, 0.0) + (a * dist).sum(-1).mean(-1)
+                rows += 1
+    finally:
+        teacher.set_attn_implementation(impl)
+    if rows == 0:
+        raise ValueError("teacher_attention_spans got no blocks.")
+    return {i: t / rows for i, t in totals.items()}
+
+
+@torch.no_grad()
+def match_decays(student, spans: dict[int, torch.Tensor]) -> list[int]:
+    """Start each gated FWP layer's decay where its teacher heads read (what ``Recipe(decay_from_teacher=True)``
+    does before attention transfer).
+
+    A per-token decay ``gamma`` weighs a key ``n`` tokens back by ``gamma ** n``, whose mean distance is
+    ``gamma / (1 - gamma)``; each state head gets the ``gamma`` whose mean distance is the mean span (from
+    :func:`teacher_attention_spans`) of the query heads it serves (grouped as grouped-query attention groups them).
+    Only ``dt_bias`` changes (``a_proj`` is still 0 after conversion, ``A_log`` keeps its initialisation), so the
+    decay is data-independent at first and stage 1 goes on from there. Returns the layers changed.
+    """
+    changed = []
+    for i in fwp_layer_indices(student):
+        attn = student.model.layers[i].self_attn
+        if not hasattr(attn, "dt_bias"):
+            continue
+        span = spans[i].to(attn.dt_bias.device, torch.float32)
+        heads = attn.dt_bias.numel()
+        if span.numel() % heads:
+            raise ValueError(f"layer {i}: {span.numel()} teacher heads do not group into {heads} state heads.")
+        span = span.view(heads, -1).mean(-1).clamp_min(1e-2)
+        log_decay = torch.log1p(1 / span)  # -log(gamma) for gamma = span / (1 + span)
+        dt = log_decay / attn.A_log.float().exp()
+        attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        changed.append(i)
+    return changed
+
+
 @dataclass
 class TransferResult:
     """Per-layer errors before and after stage 1, and the training loss per step."""
@@ -176,4 +250,4 @@ def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr:
 
 
 __all__ = ["TeacherAttentionCapture", "TransferResult", "attention_transfer", "transfer_errors",
-           "trainable_fwp_parameters", "fwp_layer_indices"]
+           "trainable_fwp_parameters", "fwp_layer_indices", "teacher_attention_spans", "match_decays"]

@@ -24,7 +24,8 @@ import torch
 from transformers import TrainingArguments
 
 from hf_fwp.conversion.convert import convert
-from hf_fwp.conversion.distill import attention_transfer, trainable_fwp_parameters
+from hf_fwp.conversion.distill import (attention_transfer, match_decays, teacher_attention_spans,
+                                       trainable_fwp_parameters)
 from hf_fwp.conversion.evaluate import compare, report
 from hf_fwp.conversion.trainer import DEFAULT_LORA_TARGETS, DistillationTrainer, add_lora, last_complete_checkpoint
 
@@ -73,6 +74,7 @@ class Recipe:
     hybrid_combine: str | None = None  # hybrid_sliding: None means DEFAULT_COMBINE where the rule allows it
     fwp_state_heads: str = "kv"
     fwp_options: dict = field(default_factory=dict)
+    decay_from_teacher: bool = False  # gated rules: start each head's decay at its teacher heads' attention span
     block_size: int = 256
     batch_size: int = 4
     stage1_steps: int = 100
@@ -141,6 +143,9 @@ class Recipe:
         need(count(self.block_size) and self.block_size >= 2, "block_size", "an integer >= 2 (tokens per block)")
         need(count(self.seed), "seed", "an integer")
         need(isinstance(self.train_fwp_in_stage2, bool), "train_fwp_in_stage2", "True or False")
+        need(isinstance(self.decay_from_teacher, bool), "decay_from_teacher", "True or False")
+        need(not self.decay_from_teacher or self.fwp_rule.startswith("gated_"), "decay_from_teacher",
+             f"False with fwp_rule={self.fwp_rule!r}, which has no decay (use 'gated_linear' or 'gated_delta')")
         need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'")
         need(isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0
@@ -333,10 +338,16 @@ def _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, stat
         student = FWPForCausalLM.from_pretrained(stage1_dir)
         transfer = json.loads((stage1_dir / "transfer.json").read_text())
     else:
+        spans = None
+        if recipe.decay_from_teacher:
+            spans = teacher_attention_spans(teacher, batches[:2])
+            match_decays(student, spans)
         result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
                                     eval_batches=_batches(first_eval, recipe.batch_size)[:2] or batches[:1],
                                     progress=progress, autocast_dtype=torch.bfloat16 if args.bf16 else None)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
+        if spans is not None:
+            transfer["teacher_spans"] = {i: [round(x, 2) for x in s.tolist()] for i, s in spans.items()}
         _finite_or_raise(student, f"stage 1 (attention transfer, lr {recipe.stage1_lr})")
         if state.is_main_process:
             stage1_dir.mkdir(exist_ok=True)
@@ -447,7 +458,7 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
     if resume and path.exists():
         # Runs recorded before these Recipe fields existed: one state per query head, default precision.
         stored = {"fwp_state_heads": "query", "precision": "auto", "gradient_checkpointing": False,
-                  **json.loads(path.read_text())}
+                  "decay_from_teacher": False, **json.loads(path.read_text())}
         stored.setdefault("hybrid_combine", "lerp")  # runs recorded before hybrid layers could share a normaliser
         if stored.get("fwp_layer_type") == "linear_attention":
             stored["sliding_window"] = None  # earlier Recipes carried an unused window for pure FWP layouts

@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_fwp import convert
-from hf_fwp.conversion.distill import TeacherAttentionCapture, attention_transfer, transfer_errors
+from hf_fwp.conversion.distill import (TeacherAttentionCapture, attention_transfer, match_decays,
+                                      teacher_attention_spans, transfer_errors)
 
 
 def _llama():
@@ -62,3 +63,61 @@ def test_an_all_softmax_student_is_told_there_is_nothing_to_distill():
 
     with pytest.raises(ValueError, match="Every layer stayed softmax"):
         trainable_fwp_parameters(convert(_llama(), keep_softmax="all"))
+
+
+@pytest.mark.parametrize("make_teacher", [_llama, _gpt2])
+def test_attention_spans_of_uniform_heads_are_half_the_prefix(make_teacher):
+    # With zero queries every head spreads its attention evenly over the causal prefix: a query at position t reads
+    # keys sinks..t, whose mean distance is (t - sinks) / 2; queries from a quarter of the block on are counted.
+    teacher = make_teacher()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith("q_proj.weight"):
+                p.zero_()
+            elif name.endswith("c_attn.weight"):
+                p[:, :32].zero_()  # GPT-2's fused q, k, v: the first third of the columns are the queries
+            elif name.endswith("c_attn.bias"):
+                p[:32].zero_()
+    impl = teacher.config._attn_implementation
+    T, sinks = 24, 1
+    spans = teacher_attention_spans(teacher, [{"input_ids": torch.randint(0, 96, (2, T))}], sinks=sinks)
+    expected = torch.tensor([(t - sinks) / 2 for t in range(T // 4, T)]).mean()
+    assert set(spans) == {0, 1}
+    for span in spans.values():
+        torch.testing.assert_close(span, expected.expand(4), rtol=1e-5, atol=1e-5)
+    assert teacher.config._attn_implementation == impl  # the teacher is handed back as it was
+    with pytest.raises(ValueError, match="unpadded"):
+        teacher_attention_spans(teacher, [{"input_ids": torch.ones(1, T, dtype=torch.long),
+                                           "attention_mask": torch.tensor([[0] + [1] * (T - 1)])}])
+
+
+def test_attention_spans_of_heads_that_read_their_own_token_are_near_zero():
+    # Queries equal to the keys, scaled up: every head attends mostly to its own token (distinct tokens per block;
+    # a key of a larger norm can still win a query), so it reads about 0-1.5 tokens back, where the uniform heads
+    # above read (t - 1) / 2 = 7.75 on average. Spans tell local heads from global ones.
+    teacher = _llama()
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            attn = layer.self_attn
+            kv_heads = attn.k_proj.weight.view(2, 8, 32)  # query heads 2j and 2j + 1 read key/value head j
+            attn.q_proj.weight.copy_(300 * kv_heads.repeat_interleave(2, dim=0).reshape(32, 32))
+    ids = torch.stack([torch.randperm(96)[:24] for _ in range(2)])
+    spans = teacher_attention_spans(teacher, [{"input_ids": ids}])
+    assert all((s < 1.5).all() for s in spans.values()), spans
+
+
+@pytest.mark.parametrize("state_heads", ["kv", "query"])
+def test_match_decays_gives_each_state_head_its_teacher_heads_span(state_heads):
+    teacher = _llama()  # 4 query heads, 2 key/value heads
+    student = convert(teacher, fwp_rule="gated_linear", feature_map="hedgehog", qk_l2norm=False,
+                      normalize_attention=True, fwp_state_heads=state_heads)
+    spans = {0: torch.tensor([1.0, 3.0, 20.0, 60.0]), 1: torch.tensor([0.5, 0.5, 200.0, 200.0])}
+    assert match_decays(student, spans) == [0, 1]
+    for i, span in spans.items():
+        attn = student.model.layers[i].self_attn
+        gamma = torch.exp(-attn.A_log.exp() * torch.nn.functional.softplus(attn.dt_bias))
+        want = span.view(attn.dt_bias.numel(), -1).mean(-1)
+        torch.testing.assert_close(gamma / (1 - gamma), want, rtol=1e-4, atol=1e-4)
+    # Rules without a decay are left alone.
+    linear = convert(teacher, fwp_rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True)
+    assert match_decays(linear, spans) == []

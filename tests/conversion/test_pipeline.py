@@ -268,3 +268,31 @@ def test_held_out_sets_may_be_longer_than_the_training_blocks(tmp_path):
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     expected = evaluate.score_pair(teacher, student, long_held)
     assert result["sets"]["long"]["ratio"] == pytest.approx(expected["ratio"], rel=1e-5)
+
+
+def test_decay_from_teacher_starts_the_decays_at_the_teachers_spans(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from hf_fwp.conversion import distill
+
+    with pytest.raises(pipeline.RecipeError, match="decay_from_teacher must be False with fwp_rule='linear'"):
+        pipeline.Recipe(decay_from_teacher=True)
+    tok, teacher, train, held_out, recipe = _setup()
+    recipe = replace(recipe, fwp_rule="gated_linear", decay_from_teacher=True, stage1_steps=1, stage2_steps=1)
+    reach = {}
+
+    def spy(student, spans):  # the decays stage 1 starts from, as mean distances gamma / (1 - gamma)
+        changed = distill.match_decays(student, spans)
+        for i in changed:
+            attn = student.model.layers[i].self_attn
+            gamma = torch.exp(-attn.A_log.exp() * torch.nn.functional.softplus(attn.dt_bias)).detach()
+            reach[i] = gamma / (1 - gamma)
+        return changed
+
+    monkeypatch.setattr(pipeline, "match_decays", spy)
+    result = pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", progress=False)
+    spans = result["transfer"]["teacher_spans"]  # recorded with the run, rounded to 0.01 token
+    assert set(reach) == {0, 1} and set(spans) == {0, 1}
+    for i in (0, 1):
+        # One state per key/value head: it starts at the mean span of its two query heads.
+        torch.testing.assert_close(reach[i], torch.tensor(spans[i]).view(2, 2).mean(-1), rtol=0, atol=0.01)
