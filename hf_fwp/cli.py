@@ -104,9 +104,10 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
                    f"softmax + FWP in one layer) (default: {d.fwp_layer_type}; pure-fwp: linear_attention)")
     g.add_argument("--window", type=int, default=None,
                    help=f"sliding window of hybrid_sliding layers, in tokens (default: {d.sliding_window})")
-    g.add_argument("--state-heads", default=d.fwp_state_heads, choices=["query", "kv"],
+    g.add_argument("--state-heads", default=None, choices=["query", "kv"],
                    help="one fast-weight state per query head, or per key/value head shared by its query group "
-                   "(a smaller decode cache for grouped-query teachers) (default: %(default)s)")
+                   f"(a smaller decode cache for grouped-query teachers) (default: {d.fwp_state_heads}; pure-fwp: "
+                   f"{NAMED_RECIPES['pure-fwp']['fwp_state_heads']})")
     g.add_argument("--hybrid-combine", default=None, choices=["lerp", "shared_normalizer"],
                    help="how hybrid_sliding layers join their branches: shared_normalizer (LoLCATs: the FWP reads "
                    "only tokens older than the window, one softmax normaliser over both; linear rules with "
@@ -124,13 +125,14 @@ def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
 
 
 def _layout(args) -> dict:
-    """``fwp_rule``, ``feature_map`` and ``fwp_layer_type``: each flag given, else the --recipe's field; and the
-    --recipe's ``fwp_options`` (no flag sets them)."""
+    """``fwp_rule``, ``feature_map``, ``fwp_layer_type`` and ``fwp_state_heads``: each flag given, else the
+    --recipe's field; and the --recipe's ``fwp_options`` (no flag sets them)."""
     from hf_fwp.conversion.pipeline import named_recipe
 
     named = named_recipe(args.recipe)
     return {"fwp_rule": args.rule or named.fwp_rule, "feature_map": args.feature_map or named.feature_map,
-            "fwp_layer_type": args.layer_type or named.fwp_layer_type, "fwp_options": named.fwp_options}
+            "fwp_layer_type": args.layer_type or named.fwp_layer_type,
+            "fwp_state_heads": args.state_heads or named.fwp_state_heads, "fwp_options": named.fwp_options}
 
 
 def _recipe_from(args):
@@ -152,7 +154,7 @@ def _recipe_from(args):
 
     try:
         return Recipe(**layout, keep_softmax=_parse_keep(args.keep_softmax), sliding_window=window,
-                      fwp_state_heads=args.state_heads, hybrid_combine=args.hybrid_combine)
+                      hybrid_combine=args.hybrid_combine)
     except RecipeError as e:
         raise _flag_error(e) from None
 
@@ -176,7 +178,7 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
     given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, None),
                                                ("--feature-map", args.feature_map, None),
                                                ("--layer-type", args.layer_type, None),
-                                               ("--state-heads", args.state_heads, d.fwp_state_heads),
+                                               ("--state-heads", args.state_heads, None),
                                                ("--hybrid-combine", args.hybrid_combine, None),
                                                ("--recipe", args.recipe, "hybrid"))
              if value != default]

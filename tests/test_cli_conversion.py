@@ -91,12 +91,14 @@ def test_named_recipes(teacher_dir, capsys):
     assert config.normalize_attention and not config.qk_l2norm  # what Recipe.convert_options() gives this layout
     # The parts that give the FWP the order of its context come with the named recipe (its fwp_options).
     assert (config.decay_init, config.use_short_conv, config.conv_activation) == ("mamba2", True, None)
+    assert config.fwp_state_heads == recipe.fwp_state_heads == "query"  # the recipe's, not the hybrid's "kv"
     # A flag changes one field of the named recipe.
     out = teacher_dir / "pure-delta"
-    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta"]) == 0
+    assert main(["convert", str(teacher_dir / "teacher"), str(out), "--recipe", "pure-fwp", "--rule", "delta",
+                 "--state-heads", "kv"]) == 0
     config = FWPConfig.from_pretrained(out)
     assert (config.fwp_rule, config.feature_map, config.layer_types[0]) == ("delta", "hedgehog", "linear_attention")
-    assert config.use_short_conv and not config.fwp_rotary
+    assert config.use_short_conv and not config.fwp_rotary and config.fwp_state_heads == "kv"
     capsys.readouterr()
     fresh = str(teacher_dir / "never-written")
     assert main(["convert", str(teacher_dir / "teacher"), fresh, "--recipe", "pure-fwp", "--window", "16"]) == 2
