@@ -164,7 +164,6 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
     layout flags given with it would do nothing, so they are refused, not ignored."""
     from hf_fwp.conversion.architectures import ARCHITECTURES, source_layer_types
     from hf_fwp.conversion.convert import plan_layer_types
-    from hf_fwp.conversion.pipeline import Recipe
 
     name = type(teacher).__name__
     if name not in ARCHITECTURES:
@@ -174,7 +173,6 @@ def _check_layout_has_fwp_layers(args, teacher) -> None:
         types = plan_layer_types(n, source_layer_types(name, teacher.config), _parse_keep(args.keep_softmax))
     except ValueError as e:
         raise CLIError(f"--keep-softmax: {e}") from None
-    d = Recipe()
     given = [flag for flag, value, default in (("--window", args.window, None), ("--rule", args.rule, None),
                                                ("--feature-map", args.feature_map, None),
                                                ("--layer-type", args.layer_type, None),
