@@ -158,7 +158,7 @@ def match_decays(student, spans: dict[int, torch.Tensor]) -> list[int]:
         span = span.view(heads, -1).mean(-1).clamp_min(1e-2)
         log_decay = torch.log1p(1 / span)  # -log(gamma) for gamma = span / (1 + span)
         dt = log_decay / attn.A_log.float().exp()
-        attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        attn.start_decays(dt)
         changed.append(i)
     return changed
 

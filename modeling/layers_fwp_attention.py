@@ -144,12 +144,17 @@ class FWPAttention(QKVProjections):
             else:
                 self.A_log.copy_(torch.empty(H).uniform_(1.0, 16.0).log())
                 dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.start_decays(dt)
         if hasattr(self, "mix_logit"):
             p = self.config.hybrid_mix_init
             self.mix_logit.fill_(math.log(p / (1 - p)))
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
+
+    @torch.no_grad()
+    def start_decays(self, dt: torch.Tensor) -> None:
+        """Set ``dt_bias [Hs]`` so that ``softplus(dt_bias) = dt`` (with ``a_proj`` at 0: log-decay ``-A * dt``)."""
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def forward(self, x, *, position_embeddings=None, cache=None, past: int = 0, attention_mask=None, mask=None):
         """``x [B, T, hidden]``; ``attention_mask [B, past + T]`` (1 = token, 0 = padding) or None; ``mask`` a ready
