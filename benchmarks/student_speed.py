@@ -70,7 +70,7 @@ def measure_rounds(models: dict, context: int, mode: str, args: argparse.Namespa
 
 def main():
     from hf_fwp import convert
-    from hf_fwp.conversion.pipeline import named_recipe
+    from hf_fwp.conversion.recipe import named_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])

@@ -31,7 +31,8 @@ from hf_fwp.conversion.corpus import offline_corpus, stdlib_corpus
 from hf_fwp.conversion.data import pack
 from hf_fwp.conversion.evaluate import report, score_pair
 from hf_fwp.conversion.hub import load_teacher, teacher_license
-from hf_fwp.conversion.pipeline import Recipe, named_recipe, run
+from hf_fwp.conversion.pipeline import run
+from hf_fwp.conversion.recipe import Recipe, named_recipe
 
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
@@ -61,7 +62,7 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"must be a JSON object of Recipe fields, got {text!r}")
     unknown = sorted(set(value) - set(Recipe.__dataclass_fields__))
     if unknown:
-        raise argparse.ArgumentTypeError(f"{unknown} are not Recipe fields; see hf_fwp.conversion.pipeline.Recipe")
+        raise argparse.ArgumentTypeError(f"{unknown} are not Recipe fields; see hf_fwp.conversion.recipe.Recipe")
     return value
 
 

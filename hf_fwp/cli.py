@@ -82,7 +82,7 @@ def _keep_text(keep) -> str:
 
 
 def _fwp_args(p: argparse.ArgumentParser) -> None:
-    from hf_fwp.conversion.pipeline import NAMED_RECIPES, Recipe
+    from hf_fwp.conversion.recipe import NAMED_RECIPES, Recipe
     from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
 
     # Every default is Recipe()'s (or the --recipe's): the command line and the Python API build the same student.
@@ -127,7 +127,7 @@ def _load_teacher(spec: str, role: str = "teacher", tokenizer: bool = True):
 def _layout(args) -> dict:
     """``fwp_rule``, ``feature_map``, ``fwp_layer_type`` and ``fwp_state_heads``: each flag given, else the
     --recipe's field; and the --recipe's ``fwp_options`` (no flag sets them)."""
-    from hf_fwp.conversion.pipeline import named_recipe
+    from hf_fwp.conversion.recipe import named_recipe
 
     named = named_recipe(args.recipe)
     return {"fwp_rule": args.rule or named.fwp_rule, "feature_map": args.feature_map or named.feature_map,
@@ -150,7 +150,7 @@ def _recipe_from(args):
     if args.window is not None and args.keep_softmax.strip().lower() == "all":
         raise CLIError("--window sets the window of hybrid_sliding layers; with --keep-softmax all there are none "
                        "(every layer keeps the teacher's own attention).")
-    from hf_fwp.conversion.pipeline import RecipeError
+    from hf_fwp.conversion.recipe import RecipeError
 
     try:
         return Recipe(**layout, keep_softmax=_parse_keep(args.keep_softmax), sliding_window=window,
@@ -313,7 +313,7 @@ def _distill_run(args) -> int:
 
     from hf_fwp.conversion import pipeline
     from hf_fwp.conversion.hub import teacher_license
-    from hf_fwp.conversion.pipeline import RecipeError
+    from hf_fwp.conversion.recipe import RecipeError
 
     try:  # every option is checked before the teacher loads
         recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
@@ -375,7 +375,7 @@ def _held_out_groups(sources: list[str]) -> dict[str, list[str]]:
 
 def _eval_run(args) -> int:
     from hf_fwp.conversion.evaluate import compare, report
-    from hf_fwp.conversion.pipeline import learned_positions
+    from hf_fwp.conversion.recipe import learned_positions
 
     if args.max_blocks < 1:
         raise CLIError(f"--max-blocks must be at least 1; got {args.max_blocks}.")
@@ -423,7 +423,7 @@ def _generate_args(p):
 
 def _generate_run(args) -> int:
     from hf_fwp.conversion.evaluate import generate_samples
-    from hf_fwp.conversion.pipeline import learned_positions
+    from hf_fwp.conversion.recipe import learned_positions
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")

@@ -78,7 +78,7 @@ def test_cli_defaults_are_the_recommended_recipe(teacher_dir, capsys):
 
 
 def test_named_recipes(teacher_dir, capsys):
-    from hf_fwp.conversion.pipeline import NAMED_RECIPES, named_recipe
+    from hf_fwp.conversion.recipe import NAMED_RECIPES, named_recipe
     from hf_fwp.modeling import FWPConfig
 
     out = teacher_dir / "pure-fwp"
@@ -205,7 +205,7 @@ def test_distill_checks_every_number_before_any_work(tmp_path, capsys, flag, val
 
 
 def test_recipe_validates_its_fields():
-    from hf_fwp.conversion.pipeline import Recipe, RecipeError
+    from hf_fwp.conversion.recipe import Recipe, RecipeError
 
     for bad in (dict(stage2_steps=0), dict(keep_softmax="every:2"), dict(keep_softmax=True), dict(fwp_rule="x"),
                 dict(sliding_window=0), dict(temperature=-1.0), dict(batch_size=2.5), dict(lora_targets="q_proj"),

@@ -199,16 +199,9 @@ def test_the_card_writes_only_valid_metadata(tmp_path):
     assert "license_file" not in ModelCard.load(tmp_path / "model" / "README.md").data.to_dict()
 
 
-def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path):
+def test_bf16_mixed_precision_trains_a_float32_student(tmp_path):
     from dataclasses import replace
 
-    auto = pipeline.Recipe()
-    assert pipeline.placement(auto, cuda=False) == ("cpu", False)  # the CPU stays float32
-    assert pipeline.placement(auto, cuda=True, cuda_bf16=True) == ("cuda", True)  # a GPU trains in bf16
-    assert pipeline.placement(auto, cuda=True, cuda_bf16=False) == ("cuda", False)  # ... when it supports it
-    assert pipeline.placement(replace(auto, precision="fp32"), cuda=True, cuda_bf16=True) == ("cuda", False)
-    with pytest.raises(pipeline.RecipeError, match="precision must be 'auto', 'fp32' or 'bf16'"):
-        pipeline.Recipe(precision="fp16")
     # The bf16 path on the CPU (autocast): the teacher runs in bf16, the student trains and is saved in float32.
     tok, teacher, train, held_out, recipe = _setup()
     recipe = replace(recipe, precision="bf16", gradient_checkpointing=True, stage1_steps=2, stage2_steps=2)
@@ -216,45 +209,6 @@ def test_precision_follows_the_hardware_and_bf16_mixed_precision_trains(tmp_path
     assert teacher.dtype == torch.bfloat16 and math.isfinite(result["ratio"]) and result["ratio"] < 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").dtype == torch.float32
 
-
-
-def test_recipe_picks_how_hybrid_layers_join_their_branches():
-    # None: the default where a shared normaliser can apply, else the mix; an impossible choice is refused early.
-    assert pipeline.Recipe().hybrid_combine == pipeline.DEFAULT_COMBINE
-    assert pipeline.Recipe(fwp_rule="gated_delta", feature_map="identity").hybrid_combine == "lerp"
-    assert pipeline.Recipe(fwp_layer_type="linear_attention").hybrid_combine == "lerp"
-    assert "hybrid_combine" not in pipeline.Recipe(fwp_layer_type="linear_attention").convert_options()
-    shared = pipeline.Recipe(hybrid_combine="shared_normalizer").convert_options()
-    assert shared["hybrid_combine"] == "shared_normalizer" and shared["normalize_attention"]
-    for bad in (dict(fwp_rule="delta", feature_map="identity", hybrid_combine="shared_normalizer"),
-                dict(fwp_layer_type="linear_attention", hybrid_combine="shared_normalizer"),
-                dict(hybrid_combine="shared")):
-        with pytest.raises(pipeline.RecipeError, match="hybrid_combine"):
-            pipeline.Recipe(**bad)
-    with pytest.raises(pipeline.RecipeError, match="Recipe's own"):
-        pipeline.Recipe(fwp_options={"hybrid_combine": "lerp"})
-
-
-def test_fwp_rotary_of_a_recipe_applies_to_rotary_teachers_only():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    recipe = pipeline.named_recipe("pure-fwp", fwp_options={"fwp_rotary": True, "use_short_conv": True})
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    assert recipe.convert_options(llama)["fwp_rotary"] and recipe.convert_options()["fwp_rotary"]
-    # GPT-2 adds learned positions to its hidden states: its q/k carry them already, and RoPE is not its own.
-    assert "fwp_rotary" not in recipe.convert_options(gpt2)
-    student = pipeline.convert(gpt2, **recipe.convert_options(gpt2))
-    assert not student.config.fwp_rotary and student.config.use_short_conv
-    assert pipeline.convert(llama, **recipe.convert_options(llama)).config.fwp_rotary
-
-
-def test_named_recipes_are_copies():
-    recipe = pipeline.named_recipe("pure-fwp")
-    recipe.fwp_options["use_short_conv"] = False  # a recipe's own copy: the named layout stays as it was
-    assert pipeline.named_recipe("pure-fwp").fwp_options["use_short_conv"]
-    assert pipeline.NAMED_RECIPES["pure-fwp"]["fwp_options"]["use_short_conv"]
 
 
 def test_held_out_sets_may_be_longer_than_the_training_blocks(tmp_path):
