@@ -87,7 +87,7 @@ def _fwp_args(p: argparse.ArgumentParser) -> None:
 
     # Every default is Recipe()'s (or the --recipe's): the command line and the Python API build the same student.
     d = Recipe()
-    g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.pipeline.Recipe)")
+    g = p.add_argument_group("student layout (defaults: the recommended recipe, hf_fwp.conversion.recipe.Recipe)")
     g.add_argument("--recipe", default="hybrid", choices=list(NAMED_RECIPES),
                    help="named layout: hybrid (a softmax window + Hedgehog linear attention in every layer) or "
                    "pure-fwp (gated Hedgehog linear attention with a short conv, no softmax: decode memory "
@@ -136,7 +136,7 @@ def _layout(args) -> dict:
 
 
 def _recipe_from(args):
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.recipe import Recipe
 
     layout = _layout(args)
     window = args.window
@@ -223,7 +223,7 @@ def _convert_run(args) -> int:
 
 
 def _data_args(p, required=True, training=True):
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.recipe import Recipe
 
     if training:
         p.add_argument("--data", nargs="+", required=required,
@@ -273,7 +273,7 @@ def _distill_args(p):
     p.add_argument("output", help="run folder (stage1/, stage2/ checkpoints, model/)")
     _fwp_args(p)
     _data_args(p)
-    from hf_fwp.conversion.pipeline import Recipe
+    from hf_fwp.conversion.recipe import Recipe
 
     d = Recipe()
     g = p.add_argument_group("training (defaults: Recipe())")
@@ -304,7 +304,7 @@ _FLAGS = {"fwp_rule": "--rule", "fwp_layer_type": "--layer-type", "sliding_windo
 
 
 def _flag_error(e) -> CLIError:
-    """A :class:`~hf_fwp.conversion.pipeline.RecipeError` as a CLI error naming the flag, not the Recipe field."""
+    """A :class:`~hf_fwp.conversion.recipe.RecipeError` as a CLI error naming the flag, not the Recipe field."""
     return CLIError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}")
 
 
