@@ -20,9 +20,11 @@ from hf_fwp.conversion.convert import is_new_fwp_parameter
 
 class TeacherAttentionCapture:
     """Context manager: while active, every forward of ``teacher`` records ``(input, output)`` of the attention
-    block of each layer in ``layers`` into ``self.records[layer]``."""
+    block of each layer in ``layers`` into ``self.records[layer]``, and with ``weights=True`` its attention weights
+    ``[B, H, T, T]`` into ``self.weights[layer]`` (the teacher runs eager attention meanwhile: the fused kernels
+    return none)."""
 
-    def __init__(self, teacher, layers: Iterable[int]):
+    def __init__(self, teacher, layers: Iterable[int], *, weights: bool = False):
         name = type(teacher).__name__
         if name not in ARCHITECTURES:
             raise ValueError(f"attention transfer does not support teacher {name}; supported: {sorted(ARCHITECTURES)}")
@@ -30,9 +32,14 @@ class TeacherAttentionCapture:
         blocks = teacher.get_submodule(arch.layers)
         self.modules = {i: getattr(blocks[i], arch.attention) for i in layers}
         self.records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.weights: dict[int, torch.Tensor] = {}
         self._handles = []
+        self._teacher, self._want_weights, self._impl = teacher, weights, None
 
     def __enter__(self):
+        if self._want_weights:
+            self._impl = self._teacher.config._attn_implementation
+            self._teacher.set_attn_implementation("eager")
         for i, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
@@ -41,12 +48,19 @@ class TeacherAttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._impl is not None:
+            self._teacher.set_attn_implementation(self._impl)
+            self._impl = None
 
     def _hook(self, i):
         def record(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
             self.records[i] = (hidden.detach(), out.detach())
+            if self._want_weights:
+                if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                    raise ValueError(f"teacher layer {i} returned no attention weights under eager attention.")
+                self.weights[i] = output[1].detach()
 
         return record
 
@@ -55,14 +69,24 @@ def fwp_layer_indices(student) -> list[int]:
     return [i for i, t in enumerate(student.config.layer_types) if t in ("linear_attention", "hybrid_sliding")]
 
 
-def _layer_errors(student, teacher, batch) -> dict[int, torch.Tensor]:
-    """Per FWP layer: MSE between the student's attention output and the teacher's, on the teacher's inputs."""
+# What stage 1 matches per layer (Recipe.stage1_objective): the block's output (LoLCATs' MSE), its attention
+# weights (Hedgehog's cross-entropy from the teacher's rows to the FWP's), or the sum of both.
+STAGE1_OBJECTIVES = ("output", "attention", "both")
+
+
+def _layer_errors(student, teacher, batch, objective: str = "output") -> dict[int, torch.Tensor]:
+    """Per FWP layer, on the teacher's inputs: MSE between the student's attention output and the teacher's
+    (``objective="output"``), the cross-entropy from the teacher's attention rows to the FWP's
+    (:meth:`FWPAttention.attention_weights`, ``"attention"``), or their sum (``"both"``)."""
     layers = fwp_layer_indices(student)
     device = next(student.parameters()).device
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = None if mask is None else mask.to(device)
-    with torch.no_grad(), TeacherAttentionCapture(teacher, layers) as capture:
+    weights = objective != "output"
+    if weights and mask is not None and not bool(mask.all()):
+        raise ValueError("attention-weight transfer needs unpadded blocks (packed text); got padding.")
+    with torch.no_grad(), TeacherAttentionCapture(teacher, layers, weights=weights) as capture:
         teacher(input_ids=ids, attention_mask=mask)
     position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     if mask is not None:
@@ -72,9 +96,17 @@ def _layer_errors(student, teacher, batch) -> dict[int, torch.Tensor]:
     for i in layers:
         hidden, target = capture.records[i]
         pe = rotary(hidden, position_ids) if rotary is not None else None
-        out = student.model.layers[i].self_attn(hidden, position_embeddings=pe, attention_mask=mask)
-        diff = (out.float() - target.float()).pow(2).mean(-1)
-        errors[i] = diff.mean() if mask is None else (diff * mask).sum() / mask.sum()
+        attn = student.model.layers[i].self_attn
+        error = 0.0
+        if objective in ("output", "both"):
+            out = attn(hidden, position_embeddings=pe, attention_mask=mask)
+            diff = (out.float() - target.float()).pow(2).mean(-1)
+            error = diff.mean() if mask is None else (diff * mask).sum() / mask.sum()
+        if weights:
+            student_rows = attn.attention_weights(hidden, position_embeddings=pe)
+            teacher_rows = capture.weights[i].to(student_rows.dtype)
+            error = error - (teacher_rows * student_rows.clamp_min(1e-12).log()).sum(-1).mean()
+        errors[i] = error
     return errors
 
 
@@ -216,19 +248,23 @@ def trainable_fwp_parameters(student) -> list[torch.nn.Parameter]:
 
 def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr: float = 1e-2,
                        eval_batches: list[dict] | None = None, progress: bool = True,
-                       autocast_dtype: torch.dtype | None = None) -> TransferResult:
+                       autocast_dtype: torch.dtype | None = None, objective: str = "output") -> TransferResult:
     """Stage 1: train the student's new FWP parameters to reproduce each teacher attention block.
 
     ``batches`` (cycled) and ``eval_batches`` are dicts with ``input_ids`` ``[B, T]`` (and optionally
     ``attention_mask``), moved to the student's device. ``autocast_dtype`` (e.g. ``torch.bfloat16``): mixed
-    precision, the student's weights staying in their own (float32) dtype. Returns the per-layer errors on
-    ``eval_batches`` (default: the first batch) before and after.
+    precision, the student's weights staying in their own (float32) dtype. ``objective``: what each layer is
+    trained to match (:data:`STAGE1_OBJECTIVES`; ``"attention"`` and ``"both"`` need FWP layers with
+    ``attention_weights``, i.e. normalised linear rules without a softmax branch). Returns the per-layer output
+    MSE on ``eval_batches`` (default: the first batch) before and after, whatever the objective.
     """
+    if objective not in STAGE1_OBJECTIVES:
+        raise ValueError(f"objective must be one of {STAGE1_OBJECTIVES}; got {objective!r}.")
     if autocast_dtype is not None:
         device_type = next(student.parameters()).device.type
         with torch.autocast(device_type, dtype=autocast_dtype):
             return attention_transfer(student, teacher, batches, steps=steps, lr=lr, eval_batches=eval_batches,
-                                      progress=progress)
+                                      progress=progress, objective=objective)
     teacher.eval()
     eval_batches = eval_batches or batches[:1]
     params = trainable_fwp_parameters(student)
@@ -238,7 +274,7 @@ def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr:
     student.train()
     losses = []
     for step in tqdm(range(steps), desc="attention transfer", disable=not progress):
-        loss = sum(_layer_errors(student, teacher, batches[step % len(batches)]).values())
+        loss = sum(_layer_errors(student, teacher, batches[step % len(batches)], objective).values())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -249,5 +285,5 @@ def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr:
     return TransferResult(before, transfer_errors(student, teacher, eval_batches), losses)
 
 
-__all__ = ["TeacherAttentionCapture", "TransferResult", "attention_transfer", "transfer_errors",
+__all__ = ["STAGE1_OBJECTIVES", "TeacherAttentionCapture", "TransferResult", "attention_transfer", "transfer_errors",
            "trainable_fwp_parameters", "fwp_layer_indices", "teacher_attention_spans", "match_decays"]

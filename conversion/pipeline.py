@@ -143,7 +143,8 @@ def _stages(teacher, tokenizer, train_blocks, eval_sets, recipe, out, args, stat
             match_decays(student, spans)
         result = attention_transfer(student, teacher, batches, steps=recipe.stage1_steps, lr=recipe.stage1_lr,
                                     eval_batches=_batches(first_eval, recipe.batch_size)[:2] or batches[:1],
-                                    progress=progress, autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                                    progress=progress, autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                                    objective=recipe.stage1_objective)
         transfer = {"before": result.before, "after": result.after, "table": result.table()}
         if spans is not None:
             transfer["teacher_spans"] = {i: [round(x, 2) for x in s.tolist()] for i, s in spans.items()}
@@ -257,7 +258,7 @@ def _check_or_record_recipe(path: Path, recipe: Recipe, resume: bool, write: boo
     if resume and path.exists():
         # Runs recorded before these Recipe fields existed: one state per query head, default precision.
         stored = {"fwp_state_heads": "query", "precision": "auto", "gradient_checkpointing": False,
-                  "decay_from_teacher": False, **json.loads(path.read_text())}
+                  "decay_from_teacher": False, "stage1_objective": "output", **json.loads(path.read_text())}
         stored.setdefault("hybrid_combine", "lerp")  # runs recorded before hybrid layers could share a normaliser
         if stored.get("fwp_layer_type") == "linear_attention":
             stored["sliding_window"] = None  # earlier Recipes carried an unused window for pure FWP layouts

@@ -58,6 +58,7 @@ class Recipe:
     fwp_state_heads: str = "kv"
     fwp_options: dict = field(default_factory=dict)
     decay_from_teacher: bool = False  # gated rules: start each head's decay at its teacher heads' attention span
+    stage1_objective: str = "output"  # what stage 1 matches per layer (distill.STAGE1_OBJECTIVES)
     block_size: int = 256
     batch_size: int = 4
     stage1_steps: int = 100
@@ -77,6 +78,7 @@ class Recipe:
 
     def __post_init__(self):
         """Validate every field before any work: a bad value found after stage 1 would cost its minutes."""
+        from hf_fwp.conversion.distill import STAGE1_OBJECTIVES
         from hf_fwp.modeling.configuration_fwp import FEATURE_MAPS, FWP_RULES
 
         def need(ok: bool, name: str, rule: str):
@@ -129,6 +131,10 @@ class Recipe:
         need(isinstance(self.decay_from_teacher, bool), "decay_from_teacher", "True or False")
         need(not self.decay_from_teacher or self.fwp_rule.startswith("gated_"), "decay_from_teacher",
              f"False with fwp_rule={self.fwp_rule!r}, which has no decay (use 'gated_linear' or 'gated_delta')")
+        need(self.stage1_objective in STAGE1_OBJECTIVES, "stage1_objective", f"one of {STAGE1_OBJECTIVES}")
+        need(self.stage1_objective == "output" or (self.fwp_layer_type == "linear_attention" and self._normalizes()),
+             "stage1_objective", "'output' here: matching attention weights needs linear_attention layers of a "
+             "normalised linear rule ('linear' or 'gated_linear' with a non-negative feature map, e.g. hedgehog)")
         need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
         need(self.precision in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'")
         need(isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0

@@ -181,39 +181,19 @@ class FWPAttention(QKVProjections):
     def _after_projections(self, x, q, k, v, position_embeddings, cache, past, attention_mask, mask):
         """:meth:`forward` from the projected ``q [B, T, H, D]``, ``k``, ``v [B, T, Hkv, D]`` on."""
         B, T, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        H, D = self.num_heads, self.head_dim
         mods = self._modules  # membership here costs far less than hasattr, which raises for a missing module
         pad = None if attention_mask is None else attention_mask[:, -T:].to(x.dtype)
         S0, conv0 = read_fwp_state(cache, self.layer_idx)
-        conv_state = None
-        if "conv" in mods:
-            qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
-            if pad is not None:
-                qkv = qkv * pad[..., None]
-            qkv, conv_state = self.conv(qkv, conv0)
-            qf, kf, vf = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
-        else:
-            fq, fk, fv = q, k, v
-        if self.config.fwp_rotary:
-            cos, sin = position_embeddings
-            fq, fk = apply_rotary(fq, cos, sin, heads_dim=2), apply_rotary(fk, cos, sin, heads_dim=2)
+        fq, fk, fv, conv_state = self._features(q, k, v, position_embeddings, pad, conv0)
         Hs = self.state_heads
-        if Hkv != Hs:
-            # State head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).
-            fk, fv = (_expand_heads(t, Hs // Hkv) for t in (fk, fv))
-        fq, fk = self.feature_map_q(fq), self.feature_map_k(fk)
         # Decoding: one token into the cached state, updated in place by a single fused step (no state copies).
         step = T == 1 and S0 is not None and not torch.is_grad_enabled()
         # The step L2-normalises inside its kernel, except where the keys are written a window later.
         norm_in_step = step and not self.shared_normalizer
         if self.config.qk_l2norm and not norm_in_step:
             fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
-        beta = g = None
-        if "b_proj" in mods:
-            beta = torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.config.allow_neg_eigval else 1.0)
-        if "a_proj" in mods:
-            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta, g = self._gates(x)
         if self.config.normalize_attention:
             fv = F.pad(fv, (0, 1), value=1.0)  # the denominator's column of ones
         if pad is not None:
@@ -262,6 +242,71 @@ class FWPAttention(QKVProjections):
                                   key_mask=attention_mask, mask=mask)
             o = torch.lerp(o_soft, o, torch.sigmoid(self.mix_logit).to(o.dtype)[:, None])  # (1 - lam) soft + lam fwp
         return self.o_proj(o.reshape(B, T, H * D))
+
+    def _features(self, q, k, v, position_embeddings, pad, conv0):
+        """The conv (padding zeroed first), RoPE if configured, kv heads expanded to the state heads, and the
+        feature maps: ``fq [B, T, H, K]``, ``fk [B, T, Hs, K]``, ``fv [B, T, Hs, D]`` and the conv's new state."""
+        B, T = q.shape[:2]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        conv_state = None
+        if "conv" in self._modules:
+            qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+            if pad is not None:
+                qkv = qkv * pad[..., None]
+            qkv, conv_state = self.conv(qkv, conv0)
+            qf, kf, vf = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            fq, fk, fv = qf.view(B, T, H, D), kf.view(B, T, Hkv, D), vf.view(B, T, Hkv, D)
+        else:
+            fq, fk, fv = q, k, v
+        if self.config.fwp_rotary:
+            cos, sin = position_embeddings
+            fq, fk = apply_rotary(fq, cos, sin, heads_dim=2), apply_rotary(fk, cos, sin, heads_dim=2)
+        if Hkv != self.state_heads:
+            # State head h reads kv head h // G: one expanded copy each (cheaper than repeat_interleave).
+            fk, fv = (_expand_heads(t, self.state_heads // Hkv) for t in (fk, fv))
+        return self.feature_map_q(fq), self.feature_map_k(fk), fv, conv_state
+
+    def _gates(self, x):
+        """``beta [B, T, Hs]`` (delta rules) and the log-decay ``g [B, T, Hs]`` (gated rules), float32, or None."""
+        beta = g = None
+        if "b_proj" in self._modules:
+            beta = torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.config.allow_neg_eigval else 1.0)
+        if "a_proj" in self._modules:
+            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return beta, g
+
+    def attention_weights(self, x, *, position_embeddings=None) -> torch.Tensor:
+        """The attention matrix this layer's FWP applies to its (conv'd) values, ``[B, H, T, T]`` (float32 or
+        wider), rows summing to 1: ``phi(q_t) . phi(k_s) * exp(g_{s+1} + ... + g_t)`` for ``s <= t``, normalised per
+        row. It is what the recurrence computes, written out (quadratic in ``T``: for attention transfer on short
+        blocks).
+        ``x [B, T, hidden]`` unpadded. Only for ``linear_attention`` layers of normalised linear rules
+        (``normalize_attention``; no delta rule, whose writes are not a weighted sum of values)."""
+        if not self.config.normalize_attention or "b_proj" in self._modules or "softmax" in self._modules:
+            raise ValueError("attention_weights needs a linear_attention layer of a normalised linear rule "
+                             "(normalize_attention=True, fwp_rule 'linear' or 'gated_linear').")
+        q, k, v = self.project(x)
+        dt = torch.promote_types(x.dtype, torch.float32)  # float32 under autocast, as in forward()
+        with torch.autocast(x.device.type, enabled=False):
+            pe = None if position_embeddings is None else tuple(t.to(dt) for t in position_embeddings)
+            fq, fk, _, _ = self._features(q.to(dt), k.to(dt), v.to(dt), pe, None, None)
+            if self.config.qk_l2norm:
+                fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
+            _, g = self._gates(x.to(dt))
+            g = None if g is None else g.to(dt)
+            G = self.num_heads // self.state_heads
+            fk = fk.repeat_interleave(G, dim=2) if G > 1 else fk
+            scores = torch.einsum("bthk,bshk->bhts", fq, fk)
+            T = x.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if g is None:
+                scores = scores * causal
+            else:
+                c = g.cumsum(1).transpose(1, 2)  # [B, Hs, T]
+                c = c.repeat_interleave(G, dim=1) if G > 1 else c
+                log_decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf"))
+                scores = scores * log_decay.exp()
+            return scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def _delayed(self, fk, fv, g, cache):
         """Shared-normaliser hybrids: the FWP writes of the tokens ``window`` positions back (zeros before the

@@ -34,6 +34,47 @@ def test_capture_matches_the_softmax_student_exactly():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_capture_gives_the_teachers_attention_weights_and_restores_its_attention():
+    teacher = _llama()
+    impl = teacher.config._attn_implementation
+    ids = torch.randint(0, 96, (2, 12))
+    with TeacherAttentionCapture(teacher, [0, 1], weights=True) as cap:
+        teacher(ids)
+        during = teacher.config._attn_implementation
+    assert during == "eager" and teacher.config._attn_implementation == impl
+    teacher.set_attn_implementation("eager")
+    reference = teacher(ids, output_attentions=True).attentions
+    for i in (0, 1):
+        assert cap.weights[i].shape == (2, 4, 12, 12)
+        torch.testing.assert_close(cap.weights[i], reference[i])
+
+
+@pytest.mark.parametrize("objective", ["attention", "both"])
+def test_attention_weight_transfer_brings_the_fwps_rows_to_the_teachers(objective):
+    from hf_fwp.conversion.distill import _layer_errors
+
+    teacher = _llama()
+    student = convert(teacher, fwp_rule="gated_linear", feature_map="hedgehog", qk_l2norm=False,
+                      normalize_attention=True, use_short_conv=True, conv_activation=None, fwp_state_heads="query")
+    batches = [{"input_ids": torch.randint(0, 96, (4, 24))} for _ in range(4)]
+    held_out = {"input_ids": torch.randint(0, 96, (4, 24))}
+
+    def cross_entropy():
+        with torch.no_grad():
+            return sum(e.item() for e in _layer_errors(student, teacher, held_out, "attention").values())
+
+    before = cross_entropy()
+    result = attention_transfer(student, teacher, batches, steps=30, lr=2e-2, progress=False, objective=objective)
+    assert cross_entropy() < before - 0.05, (before, cross_entropy())
+    assert set(result.after) == {0, 1} and len(result.losses) == 30  # reported as output MSE, whatever is trained
+    with pytest.raises(ValueError, match="objective must be one of"):
+        attention_transfer(student, teacher, batches, steps=1, objective="weights", progress=False)
+    padded = {"input_ids": held_out["input_ids"], "attention_mask": torch.ones(4, 24, dtype=torch.long)}
+    padded["attention_mask"][0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        attention_transfer(student, teacher, [padded], steps=1, objective=objective, progress=False)
+
+
 @pytest.mark.parametrize("make_teacher, options, ratio", [
     (_llama, dict(fwp_rule="linear", feature_map="hedgehog", qk_l2norm=False, normalize_attention=True), 0.7),
     (_llama, dict(fwp_layer_type="hybrid_sliding", sliding_window=4, fwp_rule="linear", feature_map="hedgehog",

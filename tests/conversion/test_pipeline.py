@@ -250,3 +250,21 @@ def test_decay_from_teacher_starts_the_decays_at_the_teachers_spans(tmp_path, mo
     for i in (0, 1):
         # One state per key/value head: it starts at the mean span of its two query heads.
         torch.testing.assert_close(reach[i], torch.tensor(spans[i]).view(2, 2).mean(-1), rtol=0, atol=0.01)
+
+
+def test_a_run_trains_stage_1_on_the_recipes_objective(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    tok, teacher, train, held_out, recipe = _setup()
+    recipe = replace(recipe, fwp_layer_type="linear_attention", sliding_window=None, fwp_rule="gated_linear",
+                     stage1_objective="attention", stage1_steps=2, stage2_steps=1)
+    seen, original = [], pipeline.attention_transfer
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["objective"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "attention_transfer", spy)
+    result = pipeline.run(teacher, tok, train, held_out, recipe, tmp_path / "run", progress=False)
+    assert seen == ["attention"] and result["recipe"]["stage1_objective"] == "attention"
+    assert len(result["transfer"]["before"]) == 2

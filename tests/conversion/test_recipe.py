@@ -56,3 +56,12 @@ def test_named_recipes_are_copies():
     chosen.fwp_options["use_short_conv"] = False  # a recipe's own copy: the named layout stays as it was
     assert recipe.named_recipe("pure-fwp").fwp_options["use_short_conv"]
     assert recipe.NAMED_RECIPES["pure-fwp"]["fwp_options"]["use_short_conv"]
+
+
+def test_attention_weight_transfer_is_for_pure_normalised_linear_students():
+    assert recipe.named_recipe("pure-fwp", stage1_objective="both").stage1_objective == "both"
+    with pytest.raises(recipe.RecipeError, match="stage1_objective must be one of"):
+        recipe.Recipe(stage1_objective="weights")
+    for bad in (dict(), dict(fwp_layer_type="linear_attention", fwp_rule="gated_delta", feature_map="identity")):
+        with pytest.raises(recipe.RecipeError, match="matching attention weights needs linear_attention layers"):
+            recipe.Recipe(stage1_objective="attention", **bad)

@@ -185,3 +185,34 @@ def test_under_autocast_an_fwp_layer_leaves_float32_only_for_its_projections(mon
         logits = model(ids).logits
     assert len(seen) == 2 and all(dtypes == {torch.float32} for dtypes in seen), seen
     assert rel_err(logits.float(), reference) < 0.05  # bf16 projections (and the MLPs, head): close to float32
+
+
+@pytest.mark.parametrize("rule", ["linear", "gated_linear"])
+@pytest.mark.parametrize("state_heads", ["query", "kv"])
+def test_attention_weights_are_what_the_fwp_applies_to_its_values(rule, state_heads):
+    # The quadratic form of a normalised (gated) linear attention layer, against its chunked forward pass.
+    from tests.modeling.helpers import tiny_model
+
+    model = tiny_model(rule=rule, feature_map="hedgehog", use_short_conv=True, conv_activation=None,
+                       normalize_attention=True, qk_l2norm=False, use_output_norm=False, use_output_gate=False,
+                       fwp_state_heads=state_heads, chunk_size=4).double()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.a_proj.weight.normal_() if rule == "gated_linear" else None  # data-dependent decays
+        for fm in (attn.feature_map_q, attn.feature_map_k):
+            for p in fm.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    attn.o_proj = torch.nn.Identity()  # the layer then returns the FWP's output itself
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(x).view(2, 11, attn.num_heads, attn.head_dim)
+        a = attn.attention_weights(x)
+        q, k, v = attn.project(x)
+        _, _, fv, _ = attn._features(q, k, v, None, None, None)
+    G = attn.num_heads // fv.shape[2]
+    expected = torch.einsum("bhts,bshd->bthd", a, fv.repeat_interleave(G, dim=2))
+    assert a.shape == (2, attn.num_heads, 11, 11) and torch.allclose(a.sum(-1), torch.ones(2, 4, 11, dtype=a.dtype))
+    assert (a.triu(1) == 0).all()  # causal
+    torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-7)
+    with pytest.raises(ValueError, match="normalised linear rule"):
+        tiny_model(rule="gated_delta").model.layers[0].self_attn.attention_weights(x.float())
