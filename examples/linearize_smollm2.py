@@ -34,21 +34,25 @@ from hf_fwp.conversion.hub import load_teacher, teacher_license
 from hf_fwp.conversion.pipeline import run
 from hf_fwp.conversion.recipe import Recipe, named_recipe
 
+# What each recipe trains for here unless --stage1-steps / --stage2-steps say otherwise: what fits the demo's 30
+# minutes on a 2-core CPU. pure-fwp brings its own lengths (mostly stage 1, where its student gains most per minute).
+DEMO_STEPS = dict(stage1_steps=80, stage2_steps=180)
 RECIPES = {
     # Pure FWP: every layer becomes a gated delta rule layer (identity features, L2-normalised q/k).
     # The layer layout is explicit: Recipe()'s defaults are the hybrid's (a softmax window in every layer).
     "gated_delta": Recipe(fwp_rule="gated_delta", feature_map="identity", fwp_layer_type="linear_attention",
-                          sliding_window=None),
+                          sliding_window=None, **DEMO_STEPS),
     # Pure FWP with a delta rule: a Hedgehog map (starts at softmax([x, -x])) before the L2 norm, so stage 1 can
     # shape the keys' similarities instead of fitting only gates and beta (measured worse than pure-fwp).
-    "pure-gated-delta": Recipe(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention"),
+    "pure-gated-delta": Recipe(fwp_rule="gated_delta", feature_map="hedgehog", fwp_layer_type="linear_attention",
+                               **DEMO_STEPS),
     # The CLI's named recipes (--recipe): the hybrid (LoLCATs-style) mixes a 128-token softmax window with Hedgehog
-    # linear attention in every layer; the pure FWP is that linear attention alone.
+    # linear attention in every layer; the pure FWP is gated linear attention with a short conv, no softmax.
     "pure-fwp": named_recipe("pure-fwp"),
-    "hybrid": named_recipe("hybrid"),
+    "hybrid": named_recipe("hybrid", **DEMO_STEPS),
     # The hybrid as first measured with one FWP state per key/value head (now the default): a 64-token window.
     "hybrid_kv": Recipe(fwp_rule="linear", feature_map="hedgehog", fwp_layer_type="hybrid_sliding", sliding_window=64,
-                        fwp_state_heads="kv"),
+                        fwp_state_heads="kv", **DEMO_STEPS),
 }
 PROMPTS = ["The os module provides", "A list is a sequence", "To open a file, use"]
 
@@ -79,8 +83,12 @@ def main():
                     help="recipes to run (default: hybrid, the measured best; README compares both)")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--stage1-steps", type=int, default=80)
-    ap.add_argument("--stage2-steps", type=int, default=180)
+    ap.add_argument("--stage1-steps", type=int, default=None,
+                    help=f"attention-transfer steps (default: the recipe's: {DEMO_STEPS['stage1_steps']}; pure-fwp "
+                    f"{RECIPES['pure-fwp'].stage1_steps})")
+    ap.add_argument("--stage2-steps", type=int, default=None,
+                    help=f"distillation steps (default: the recipe's: {DEMO_STEPS['stage2_steps']}; pure-fwp "
+                    f"{RECIPES['pure-fwp'].stage2_steps})")
     ap.add_argument("--stage2-lr", type=float, default=None, help="stage-2 learning rate (default: the recipe's)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="softmax temperature of the stage-2 KL (default: the recipe's)")
@@ -131,8 +139,10 @@ def main():
             long_held[kind] = blocks.select(range(min(len(blocks), args.long_eval_blocks)))
     rows = []
     for name in args.recipes:
-        fields = dict(block_size=args.block_size, batch_size=args.batch_size, stage1_steps=args.stage1_steps,
-                      stage2_steps=args.stage2_steps, save_steps=max(1, args.stage2_steps // 4),
+        stage1 = RECIPES[name].stage1_steps if args.stage1_steps is None else args.stage1_steps
+        stage2 = RECIPES[name].stage2_steps if args.stage2_steps is None else args.stage2_steps
+        fields = dict(block_size=args.block_size, batch_size=args.batch_size, stage1_steps=stage1,
+                      stage2_steps=stage2, save_steps=max(1, stage2 // 4),
                       **{f: getattr(args, f) for f in ("stage2_lr", "temperature", "ce_weight")
                          if getattr(args, f) is not None})
         extra = dict(args.fields)

@@ -273,14 +273,17 @@ def _distill_args(p):
     p.add_argument("output", help="run folder (stage1/, stage2/ checkpoints, model/)")
     _fwp_args(p)
     _data_args(p)
-    from hf_fwp.conversion.recipe import Recipe
+    from hf_fwp.conversion.recipe import Recipe, named_recipe
 
     d = Recipe()
     g = p.add_argument_group("training (defaults: Recipe())")
-    g.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
-                   help="attention-transfer steps, only the new FWP parameters train (default: %(default)s)")
-    g.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
-                   help="LoRA + logit-distillation steps (default: %(default)s)")
+    pure = named_recipe("pure-fwp")
+    g.add_argument("--stage1-steps", type=int, default=None,
+                   help="attention-transfer steps, only the new FWP parameters train (default: the --recipe's: "
+                   f"{d.stage1_steps}; pure-fwp: {pure.stage1_steps})")
+    g.add_argument("--stage2-steps", type=int, default=None,
+                   help=f"LoRA + logit-distillation steps (default: the --recipe's: {d.stage2_steps}; pure-fwp: "
+                   f"{pure.stage2_steps})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="blocks per step (default: %(default)s)")
     g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="rank of the stage-2 LoRA adapters "
                    "(default: %(default)s)")
@@ -313,11 +316,14 @@ def _distill_run(args) -> int:
 
     from hf_fwp.conversion import pipeline
     from hf_fwp.conversion.hub import teacher_license
-    from hf_fwp.conversion.recipe import RecipeError
+    from hf_fwp.conversion.recipe import RecipeError, named_recipe
 
     try:  # every option is checked before the teacher loads
+        named = named_recipe(args.recipe)  # its training lengths unless the flags say otherwise
+        stage1 = named.stage1_steps if args.stage1_steps is None else args.stage1_steps
+        stage2 = named.stage2_steps if args.stage2_steps is None else args.stage2_steps
         recipe = replace(_recipe_from(args), block_size=args.block_size, batch_size=args.batch_size,
-                         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lora_rank=args.lora_rank,
+                         stage1_steps=stage1, stage2_steps=stage2, lora_rank=args.lora_rank,
                          temperature=args.temperature, ce_weight=args.ce_weight, save_steps=args.save_steps,
                          precision=args.precision, gradient_checkpointing=args.gradient_checkpointing)
     except RecipeError as e:

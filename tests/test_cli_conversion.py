@@ -309,7 +309,10 @@ def test_learned_positions_bound_the_block_size_before_any_work(tmp_path, capsys
 
 
 def test_help_shows_defaults_and_describes_every_option(capsys):
-    for command, expected in [("distill", ["--stage2-steps STAGE2_STEPS", "(default: 100)", "--save-steps",
+    from hf_fwp.conversion.recipe import Recipe, named_recipe
+
+    lengths = f"(default: the --recipe's: {Recipe().stage2_steps}; pure-fwp: {named_recipe('pure-fwp').stage2_steps})"
+    for command, expected in [("distill", ["--stage2-steps STAGE2_STEPS", lengths, "--save-steps",
                                            "what --resume can recover"]),
                               ("eval", ["held-out text", "(default: 32)"]),
                               ("generate", ["(default: 40)"]), ("push", ["as private"])]:
@@ -480,3 +483,29 @@ def test_second_new_user_pass_findings(teacher_dir, tmp_path, capsys):
     assert "screenshot.png" not in listing and "layers_mine.py" not in listing and "  layers_conv.py\n" in listing
     assert main(["push", str(folder), "me/model", "--dry-run", "--revision", "bad..branch"]) == 2
     assert "not a valid branch name" in capsys.readouterr().err
+
+
+def test_distill_takes_the_named_recipes_training_lengths_unless_given(teacher_dir, monkeypatch):
+    from hf_fwp.conversion import pipeline
+    from hf_fwp.conversion.recipe import Recipe, named_recipe
+
+    recipes = []
+
+    class Stop(Exception):
+        pass
+
+    def record(teacher, tokenizer, train, held, recipe, *args, **kwargs):
+        recipes.append(recipe)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run", record)
+    base = ["distill", str(teacher_dir / "teacher"), None, "--data", str(teacher_dir / "train.txt"), "--block-size",
+            "16"]
+    for i, extra in enumerate([[], ["--recipe", "pure-fwp"], ["--recipe", "pure-fwp", "--stage1-steps", "7"]]):
+        with pytest.raises(Stop):
+            main(base[:2] + [str(teacher_dir / f"lengths{i}")] + base[3:] + extra)
+    pure = named_recipe("pure-fwp")
+    assert pure.stage1_steps > pure.stage2_steps  # pure-fwp spends its budget mostly on stage 1
+    assert [(r.stage1_steps, r.stage2_steps) for r in recipes] == [
+        (Recipe().stage1_steps, Recipe().stage2_steps), (pure.stage1_steps, pure.stage2_steps),
+        (7, pure.stage2_steps)]
