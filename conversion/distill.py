@@ -8,6 +8,7 @@ and trained to match the teacher's output (mean squared error, summed over layer
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -16,6 +17,18 @@ from tqdm.auto import tqdm
 
 from hf_fwp.conversion.architectures import ARCHITECTURES
 from hf_fwp.conversion.convert import is_new_fwp_parameter
+
+
+@contextmanager
+def eager_attention(teacher):
+    """While active, ``teacher`` runs eager attention, the implementation that returns its attention weights (the
+    fused kernels return none); its own implementation is restored after."""
+    impl = teacher.config._attn_implementation
+    teacher.set_attn_implementation("eager")
+    try:
+        yield teacher
+    finally:
+        teacher.set_attn_implementation(impl)
 
 
 class TeacherAttentionCapture:
@@ -34,12 +47,11 @@ class TeacherAttentionCapture:
         self.records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.weights: dict[int, torch.Tensor] = {}
         self._handles = []
-        self._teacher, self._want_weights, self._impl = teacher, weights, None
+        self._teacher, self._want_weights = teacher, weights
 
     def __enter__(self):
-        if self._want_weights:
-            self._impl = self._teacher.config._attn_implementation
-            self._teacher.set_attn_implementation("eager")
+        self._eager = eager_attention(self._teacher) if self._want_weights else nullcontext()
+        self._eager.__enter__()
         for i, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
@@ -48,9 +60,7 @@ class TeacherAttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._impl is not None:
-            self._teacher.set_attn_implementation(self._impl)
-            self._impl = None
+        self._eager.__exit__(*exc)
 
     def _hook(self, i):
         def record(module, args, kwargs, output):
@@ -138,9 +148,7 @@ def teacher_attention_spans(teacher, batches: Iterable[dict], *, sinks: int = 1)
     block are left out too (see ``_SPAN_FROM``).
     """
     device = next(teacher.parameters()).device
-    impl = teacher.config._attn_implementation
-    teacher.set_attn_implementation("eager")
-    try:
+    with eager_attention(teacher):
         totals, rows = {}, 0
         for batch in batches:
             mask = batch.get("attention_mask")
@@ -160,8 +168,6 @@ def teacher_attention_spans(teacher, batches: Iterable[dict], *, sinks: int = 1)
                     a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
                     totals[i] = totals.get(i, 0.0) + (a * dist).sum(-1).mean(-1)
                 rows += 1
-    finally:
-        teacher.set_attn_implementation(impl)
     if rows == 0:
         raise ValueError("teacher_attention_spans got no blocks.")
     return {i: t / rows for i, t in totals.items()}
@@ -285,5 +291,6 @@ def attention_transfer(student, teacher, batches: list[dict], *, steps: int, lr:
     return TransferResult(before, transfer_errors(student, teacher, eval_batches), losses)
 
 
-__all__ = ["STAGE1_OBJECTIVES", "TeacherAttentionCapture", "TransferResult", "attention_transfer", "transfer_errors",
-           "trainable_fwp_parameters", "fwp_layer_indices", "teacher_attention_spans", "match_decays"]
+__all__ = ["STAGE1_OBJECTIVES", "TeacherAttentionCapture", "TransferResult", "attention_transfer", "eager_attention",
+           "transfer_errors", "trainable_fwp_parameters", "fwp_layer_indices", "teacher_attention_spans",
+           "match_decays"]

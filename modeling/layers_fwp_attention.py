@@ -293,17 +293,16 @@ class FWPAttention(QKVProjections):
             if self.config.qk_l2norm:
                 fq, fk = F.normalize(fq, dim=-1, eps=1e-6), F.normalize(fk, dim=-1, eps=1e-6)
             _, g = self._gates(x.to(dt))
-            g = None if g is None else g.to(dt)
             G = self.num_heads // self.state_heads
-            fk = fk.repeat_interleave(G, dim=2) if G > 1 else fk
+            if G > 1:  # each query head reads its state head's keys and decays, as in forward()
+                fk, g = (None if t is None else _expand_heads(t, G) for t in (fk, g))
             scores = torch.einsum("bthk,bshk->bhts", fq, fk)
             T = x.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             if g is None:
                 scores = scores * causal
             else:
-                c = g.cumsum(1).transpose(1, 2)  # [B, Hs, T]
-                c = c.repeat_interleave(G, dim=1) if G > 1 else c
+                c = g.to(dt).cumsum(1).transpose(1, 2)  # [B, H, T]
                 log_decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf"))
                 scores = scores * log_decay.exp()
             return scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -198,7 +198,8 @@ def test_attention_weights_are_what_the_fwp_applies_to_its_values(rule, state_he
                        fwp_state_heads=state_heads, chunk_size=4).double()
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
-        attn.a_proj.weight.normal_() if rule == "gated_linear" else None  # data-dependent decays
+        if rule == "gated_linear":
+            attn.a_proj.weight.normal_()  # data-dependent decays
         for fm in (attn.feature_map_q, attn.feature_map_k):
             for p in fm.parameters():
                 p.add_(0.3 * torch.randn_like(p))
