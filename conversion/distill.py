@@ -8,6 +8,7 @@ and trained to match the teacher's output (mean squared error, summed over layer
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -84,6 +85,13 @@ def fwp_layer_indices(student) -> list[int]:
 STAGE1_OBJECTIVES = ("output", "attention", "both")
 
 
+def _hidden_only(model) -> dict:
+    """Forward keyword arguments that spare ``model`` its vocabulary projection where it takes them: stage 1 needs
+    only its attention blocks' inputs and outputs, and SmolLM2-135M's logits over 49k tokens are about 15% of a
+    teacher pass."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _layer_errors(student, teacher, batch, objective: str = "output") -> dict[int, torch.Tensor]:
     """Per FWP layer, on the teacher's inputs: MSE between the student's attention output and the teacher's
     (``objective="output"``), the cross-entropy from the teacher's attention rows to the FWP's
@@ -97,7 +105,7 @@ def _layer_errors(student, teacher, batch, objective: str = "output") -> dict[in
     if weights and mask is not None and not bool(mask.all()):
         raise ValueError("attention-weight transfer needs unpadded blocks (packed text); got padding.")
     with torch.no_grad(), TeacherAttentionCapture(teacher, layers, weights=weights) as capture:
-        teacher(input_ids=ids, attention_mask=mask)
+        teacher(input_ids=ids, attention_mask=mask, **_hidden_only(teacher))
     position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     if mask is not None:
         position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)

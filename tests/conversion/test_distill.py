@@ -5,6 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_fwp import convert
+from hf_fwp.conversion import distill
 from hf_fwp.conversion.distill import (TeacherAttentionCapture, attention_transfer, match_decays,
                                       teacher_attention_spans, transfer_errors)
 
@@ -32,6 +33,21 @@ def test_capture_matches_the_softmax_student_exactly():
     pe = student.model.rotary_emb(hidden, torch.arange(12)[None].expand(2, 12))
     torch.testing.assert_close(student.model.layers[1].self_attn(hidden, position_embeddings=pe), out,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_teacher", [_llama, _gpt2])
+def test_stage1_spares_the_teacher_its_logits_and_measures_the_same_errors(make_teacher, monkeypatch):
+    teacher = _llama() if make_teacher is _llama else _gpt2()
+    student = convert(teacher, feature_map="hedgehog")
+    batch = {"input_ids": torch.randint(0, 96, (2, 12))}
+    shapes = []
+    teacher.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    spared = transfer_errors(student, teacher, [batch])
+    assert shapes == [(2, 1, 96)]  # one position's logits, not twelve
+    monkeypatch.setattr(distill, "_hidden_only", lambda model: {})
+    full = transfer_errors(student, teacher, [batch])
+    assert shapes[-1] == (2, 12, 96)
+    assert spared == pytest.approx(full, rel=1e-6) and all(e > 0 for e in full.values())
 
 
 def test_capture_gives_the_teachers_attention_weights_and_restores_its_attention():
