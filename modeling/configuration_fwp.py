@@ -17,7 +17,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .layers_feature_maps import FEATURE_MAPS
+from .layers_feature_maps import FEATURE_MAPS, LEARNED_FEATURE_MAPS
 
 # The package version, here so that a saved model folder (which carries this file) knows it without hf-fwp installed.
 HF_FWP_VERSION = "0.1.0"
@@ -37,6 +37,11 @@ class FWPConfig(PreTrainedConfig):
         shares keys and values): the key feature map, beta and the decay gate then exist per key/value head, and
         the decoding cache shrinks by the group size.
     feature_map: q/k feature map phi (``hf_fwp.modeling.layers_feature_maps``); ``share_feature_map`` uses one for both.
+    feature_map_dim: projection width of a learned feature map (``hedgehog``: ``2 * feature_map_dim`` features,
+        ``t2r``: ``feature_map_dim``); None: the head dim. Wider maps approximate softmax more closely for a larger
+        state (``[feature_dim, head_dim]`` per state head) and slower steps; the Triton kernels' shared-memory fit
+        is checked for feature dims up to 256. On a converted SmolLM2 (pure FWP, bf16, the CPU demo's time) twice
+        the head dim matched the default at equal minutes (benchmarks/results/recipe_experiments.md).
     qk_l2norm: L2-normalise q and k after phi (required by the delta rules unless ``allow_unnormalized_delta``).
     allow_neg_eigval: beta in (0, 2) instead of (0, 1) (delta rules).
     Decay gate (gated rules, Mamba2 parameterisation): ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)``, per head.
@@ -109,6 +114,7 @@ class FWPConfig(PreTrainedConfig):
     fwp_state_heads: str = "query"
     feature_map: str = "identity"
     share_feature_map: bool = False
+    feature_map_dim: int | None = None
     qk_l2norm: bool = True
     allow_unnormalized_delta: bool = False
     allow_neg_eigval: bool = False
@@ -185,6 +191,12 @@ class FWPConfig(PreTrainedConfig):
             raise ValueError(f"FWPConfig: `initializer_range` must be a number >= 0, got {self.initializer_range!r}.")
         if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
             raise ValueError(f"FWPConfig: `attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        if self.feature_map_dim is not None and (
+                not isinstance(self.feature_map_dim, int) or isinstance(self.feature_map_dim, bool)
+                or self.feature_map_dim < 1 or self.feature_map not in LEARNED_FEATURE_MAPS):
+            raise ValueError(f"FWPConfig: `feature_map_dim` must be None or an integer >= 1 for a learned feature map "
+                             f"{LEARNED_FEATURE_MAPS}; got {self.feature_map_dim!r} with feature_map="
+                             f"{self.feature_map!r} (fixed maps have no width to set: leave it None).")
         if self.fwp_scale is not None and (not _is_number(self.fwp_scale) or self.fwp_scale <= 0):
             raise ValueError(f"FWPConfig: `fwp_scale` must be None or a positive number, got {self.fwp_scale!r}.")
         if not _is_number(self.hybrid_mix_init):

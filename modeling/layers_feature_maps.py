@@ -1,9 +1,9 @@
 """Feature maps phi applied to queries and keys of an FWP layer, per head.
 
-Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D)]``. Learned maps hold their heads'
-weights stacked in one parameter, ``weight [H, D_out, D_in]`` (``nn.Linear``'s order per head) and, for T2R,
-``bias [H, D]``: two tensors per map instead of one per head, because a compiled decode step checks and passes
-every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost about 1.5 ms of an 18 ms token).
+Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D, width)]``. Learned maps hold their
+heads' weights stacked in one parameter, ``weight [H, width, D]`` (``nn.Linear``'s order per head; ``width``
+defaults to ``D``) and, for T2R, ``bias [H, width]``: two tensors per map instead of one per head, because a
+compiled decode step checks and passes every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost about 1.5 ms of an 18 ms token).
 PEFT targets them as parameters (``LoraConfig(target_parameters=["feature_map_q.weight", ...])``, one LoRA per
 head). State dicts of the earlier per-head layout (``layers.<h>.weight``) still load through ``load_state_dict``.
 
@@ -14,8 +14,12 @@ head). State dicts of the earlier per-head layout (``layers.<h>.weight``) still 
 | relu           | relu(x)                                  | D       | |
 | silu           | silu(x)                                  | D       | |
 | dpfp           | DPFP with nu=1: relu([x, -x]) products   | 2D      | Schlag et al. deterministic projection |
-| hedgehog       | softmax([xW, -xW]) over the features     | 2D      | learned; W starts at identity |
-| t2r            | relu(xW + b)                             | D       | learned; W starts at identity, b at 0 |
+| hedgehog       | softmax([xW, -xW]) over the features     | 2 width | learned; W starts at identity |
+| t2r            | relu(xW + b)                             | width   | learned; W starts at identity, b at 0 |
+
+A learned map wider than its input (``width > D``, ``FWPConfig.feature_map_dim``) starts with the identity in its
+first ``D`` rows and random orthogonal blocks below (identical copies would get identical gradients and stay
+copies); a narrower one starts as the projection on the first ``width`` coordinates.
 """
 
 from __future__ import annotations
@@ -30,32 +34,44 @@ FEATURE_MAPS = ("identity", "elu_plus_one", "relu", "silu", "dpfp", "hedgehog", 
 LEARNED_FEATURE_MAPS = ("hedgehog", "t2r")
 
 
-def feature_dim(name: str, head_dim: int) -> int:
-    """Output size of the feature map ``name`` for inputs of size ``head_dim``."""
+def feature_dim(name: str, head_dim: int, width: int | None = None) -> int:
+    """Output size of the feature map ``name`` for inputs of size ``head_dim`` (``width``: a learned map's
+    projection size, default ``head_dim``; fixed maps ignore it)."""
+    if name in LEARNED_FEATURE_MAPS and width is not None:
+        head_dim = width
     return 2 * head_dim if name in ("dpfp", "hedgehog") else head_dim
 
 
 class FeatureMap(nn.Module):
-    """phi for one of :data:`FEATURE_MAPS`; learned maps hold ``weight [H, D, D]`` (and ``bias [H, D]`` for T2R)."""
+    """phi for one of :data:`FEATURE_MAPS`; learned maps hold ``weight [H, width, D]`` (and ``bias [H, width]`` for
+    T2R), ``width`` defaulting to ``D``."""
 
-    def __init__(self, name: str, num_heads: int, head_dim: int):
+    def __init__(self, name: str, num_heads: int, head_dim: int, width: int | None = None):
         super().__init__()
         if name not in FEATURE_MAPS:
             raise ValueError(f"Unknown feature map {name!r}; choose one of {FEATURE_MAPS}.")
+        if width is not None and (name not in LEARNED_FEATURE_MAPS or width < 1):
+            raise ValueError(f"width {width!r} needs a learned feature map {LEARNED_FEATURE_MAPS} and a size >= 1; "
+                             f"{name!r} has none (leave width None).")
         self.name = name
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.width = width or head_dim
         if name in LEARNED_FEATURE_MAPS:
-            self.weight = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
-            self.bias = nn.Parameter(torch.empty(num_heads, head_dim)) if name == "t2r" else None
+            self.weight = nn.Parameter(torch.empty(num_heads, self.width, head_dim))
+            self.bias = nn.Parameter(torch.empty(num_heads, self.width)) if name == "t2r" else None
             self.register_load_state_dict_pre_hook(_stack_per_head_keys)
             self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Learned maps start at W = I (b = 0): T2R then equals relu, Hedgehog softmax([x, -x])."""
+        """Learned maps start at W = I (b = 0): T2R then equals relu, Hedgehog softmax([x, -x]). Wider maps add
+        random orthogonal blocks below the identity (see the module docstring)."""
         if self.name in LEARNED_FEATURE_MAPS:
-            self.weight.copy_(torch.eye(self.head_dim).expand_as(self.weight))
+            D, m = self.head_dim, self.width
+            self.weight[:, :D].copy_(torch.eye(D)[:m])
+            for h in range(self.num_heads) if m > D else ():
+                nn.init.orthogonal_(self.weight[h, D:])
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -91,7 +107,8 @@ class FeatureMap(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}"
+        width = f", width={self.width}" if self.width != self.head_dim else ""
+        return f"{self.name}, heads={self.num_heads}, head_dim={self.head_dim}{width}"
 
 
 def _stack_per_head_keys(module, state_dict, prefix, *args) -> None:

@@ -99,11 +99,13 @@ class FWPAttention(QKVProjections):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         # Heads that own a fast-weight state (and its key map, beta and gate): every query head, or each kv head.
         self.state_heads = Hs = Hkv if config.fwp_state_heads == "kv" else H
-        self.feat_dim = feature_dim(config.feature_map, D)
+        self.feat_dim = feature_dim(config.feature_map, D, config.feature_map_dim)
         if config.use_short_conv:
             self.conv = ShortConvolution((H + 2 * Hkv) * D, config.conv_size, config.conv_activation)
-        self.feature_map_q = FeatureMap(config.feature_map, H, D)
-        self.feature_map_k = self.feature_map_q if config.share_feature_map else FeatureMap(config.feature_map, Hs, D)
+        width = config.feature_map_dim
+        self.feature_map_q = FeatureMap(config.feature_map, H, D, width)
+        self.feature_map_k = (self.feature_map_q if config.share_feature_map
+                              else FeatureMap(config.feature_map, Hs, D, width))
         if config.fwp_delta:
             self.b_proj = Linear(config.hidden_size, Hs, bias=True)
         if config.fwp_gated:

@@ -34,6 +34,31 @@ def test_learned_maps_start_at_identity_and_are_per_head():
     torch.testing.assert_close(hh(x), torch.softmax(torch.cat([x, -x], -1), -1))
 
 
+@pytest.mark.parametrize("name, width", [("hedgehog", 10), ("hedgehog", 3), ("t2r", 12)])
+def test_learned_maps_of_another_width_start_at_the_identity_and_wider_rows_are_distinct(name, width):
+    torch.manual_seed(0)
+    fm = FeatureMap(name, num_heads=2, head_dim=4, width=width)
+    assert fm.weight.shape == (2, width, 4) and "width=" in repr(fm)
+    x = torch.randn(1, 3, 2, 4)
+    y = fm(x)
+    assert y.shape == (1, 3, 2, feature_dim(name, 4, width))
+    torch.testing.assert_close(fm.weight[:, : min(width, 4)], torch.eye(4)[: min(width, 4)].expand(2, -1, -1))
+    for h in range(2) if width > 4 else ():
+        extra = fm.weight[h, 4:]  # orthonormal columns (more rows than columns), unlike a copy of the identity
+        torch.testing.assert_close(extra.T @ extra, torch.eye(4), atol=1e-5, rtol=0)
+        assert not torch.allclose(extra[:4], torch.eye(4), atol=1e-2)
+    assert width <= 4 or not torch.equal(fm.weight[0, 4:], fm.weight[1, 4:])  # each head its own
+    if name == "t2r":
+        assert fm.bias.shape == (2, width)
+        torch.testing.assert_close(y[..., :4], torch.relu(x))
+
+
+@pytest.mark.parametrize("name, width", [("relu", 8), ("hedgehog", 0)])
+def test_a_width_needs_a_learned_map_and_a_positive_size(name, width):
+    with pytest.raises(ValueError, match="width"):
+        FeatureMap(name, 2, 4, width=width)
+
+
 def test_unknown_feature_map():
     with pytest.raises(ValueError, match="Unknown feature map"):
         FeatureMap("cos", 1, 4)

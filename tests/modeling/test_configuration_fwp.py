@@ -77,6 +77,10 @@ def test_round_trip(tmp_path):
     (dict(rms_norm_eps="1e-6"), "`rms_norm_eps` must be a positive number"),
     (dict(max_position_embeddings=-1), "`max_position_embeddings` must be a positive integer"),
     (dict(attention_dropout=1.5), "`attention_dropout` must be in"),
+    (dict(feature_map="identity", feature_map_dim=64), "`feature_map_dim` must be None or an integer >= 1 for a "
+                                                       "learned feature map"),
+    (dict(feature_map="hedgehog", feature_map_dim=0), "`feature_map_dim` must be None"),
+    (dict(feature_map="hedgehog", feature_map_dim=True), "`feature_map_dim` must be None"),
 ])
 def test_every_field_is_validated(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,9 @@ def test_kv_states_are_query_states_with_each_groups_parameters_shared(rule):
 @pytest.mark.parametrize("options", [
     dict(feature_map="hedgehog", qk_l2norm=False, fwp_rule="linear", normalize_attention=True),
     dict(feature_map="dpfp", fwp_rule="gated_linear", use_short_conv=False),
+    dict(feature_map="hedgehog", feature_map_dim=16, fwp_rule="gated_linear", normalize_attention=True,
+         qk_l2norm=False, fwp_state_heads="query"),
+    dict(feature_map="t2r", feature_map_dim=5, fwp_rule="gated_delta", layout="fwp"),
     dict(feature_map="t2r", fwp_rule="delta", allow_neg_eigval=True, use_output_gate=False),
     dict(feature_map="elu_plus_one", fwp_rule="linear", normalize_attention=True, qk_l2norm=False, use_output_norm=False),
     dict(position_embedding_type="learned", norm_type="layer", mlp_type="plain", hidden_act="gelu_new",
