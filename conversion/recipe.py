@@ -195,7 +195,9 @@ NAMED_RECIPES = {
     # of outputs (stage1_objective="attention": 3.11 / 5.10; "both": 2.77 / 4.12). Stage 1 is its cheapest lever
     # (a step costs half a stage-2 step): with stage 2 held at 60 steps, 40 / 80 / 160 / 320 stage-1 steps gave
     # 2.27 / 1.95 / 1.75 / 1.62 (3.19 / 2.73 / 2.44 / 2.25), so its training budget goes mostly to stage 1: at the
-    # demo's budget 300 + 80 steps gave 1.62 (2.12) against 1.74 (2.31) for 80 + 180, in float32
+    # demo's budget 300 + 80 steps gave 1.62 (2.12) against 1.74 (2.31) for 80 + 180, in float32; in bf16 500 + 150
+    # gave 1.49 (2.00). Also measured and left out: stage 1 moving the q/k projections too (2.24 vs 2.27 at 40 + 60)
+    # and a Hedgehog map twice as wide (feature_map_dim=128: level at equal minutes, 1.48 vs 1.49)
     # (benchmarks/results/recipe_experiments.md).
     "pure-fwp": dict(fwp_rule="gated_linear", feature_map="hedgehog", fwp_layer_type="linear_attention",
                      fwp_state_heads="query", fwp_options=dict(use_short_conv=True), stage1_steps=300,
