@@ -12,6 +12,7 @@ prints generations of both, saves the folder and reloads it with ``AutoModelForC
     python examples/linearize_smollm2.py --recipes pure-fwp hybrid        # both named recipes (README table)
     python examples/linearize_smollm2.py --quick               # a few steps of each (what CI runs)
     python examples/linearize_smollm2.py --recipes pure-fwp --fields '{"fwp_options": {"fwp_rotary": true}}'
+    python examples/linearize_smollm2.py --block-size 512 --batch-size 2 --eval-block-size 256  # longer training blocks
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=["hybrid"], choices=list(RECIPES),
                     help="recipes to run (default: hybrid, the measured best; README compares both)")
-    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=256, help="tokens per training block")
+    ap.add_argument("--eval-block-size", type=int, default=None,
+                    help="tokens per held-out block (default: --block-size); e.g. --block-size 512 --batch-size 2 "
+                    "--eval-block-size 256 trains on longer blocks at the same tokens per step and scores as the "
+                    "README table does")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--stage1-steps", type=int, default=None,
                     help=f"attention-transfer steps (default: the recipe's: {DEMO_STEPS['stage1_steps']}; pure-fwp "
@@ -126,12 +131,12 @@ def main():
         train_text = train_text.shuffle(seed=0).select(range(min(len(train_text), 200)))
     # Shuffled once, so every kind of text trains from the first steps on (the corpus lists kind after kind).
     train = pack(train_text, tokenizer, args.block_size).shuffle(seed=0)
-    held = {}
+    held, eval_block_size = {}, args.eval_block_size or args.block_size
     for kind, text in held_texts.items():
-        blocks = pack(text, tokenizer, args.block_size)
+        blocks = pack(text, tokenizer, eval_block_size)
         held[kind] = blocks.select(range(min(len(blocks), args.eval_blocks)))
-    print(f"data: {len(train)} training blocks; held out: "
-          + ", ".join(f"{kind} {len(b)}" for kind, b in held.items()) + f" blocks of {args.block_size} tokens")
+    print(f"data: {len(train)} training blocks of {args.block_size} tokens; held out: "
+          + ", ".join(f"{kind} {len(b)}" for kind, b in held.items()) + f" blocks of {eval_block_size} tokens")
     long_held = {}
     if args.long_block_size:
         for kind, text in held_texts.items():

@@ -85,10 +85,12 @@ def test_linearize_smollm2_quick(tmp_path):
     if missing:
         # CI installs through the Makefile, which adds both: there a missing one is a failure, not a skip.
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"not installed: {missing} (make install adds them)")
-    # --fields: Recipe fields on top of each recipe (here RoPE on the FWP's q/k, for both students).
+    # --fields: Recipe fields on top of each recipe (here RoPE on the FWP's q/k, for both students); held-out blocks
+    # shorter than the (quick) training blocks of 64 tokens.
     out = _run("examples/linearize_smollm2.py", "--quick", "--recipes", "pure-fwp", "hybrid", "--out", str(tmp_path),
-               "--fields", '{"fwp_options": {"fwp_rotary": true}}')
+               "--fields", '{"fwp_options": {"fwp_rotary": true}}', "--eval-block-size", "32")
     assert "logits identical = True" in out
+    assert "training blocks of 64 tokens" in out and " blocks of 32 tokens" in out
     for name in ("pure-fwp", "hybrid"):
         config = json.loads((tmp_path / name / "model" / "config.json").read_text())
         assert config["fwp_rotary"] is True and config["use_short_conv"] is (name == "pure-fwp")  # added, not replaced
