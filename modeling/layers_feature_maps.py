@@ -3,7 +3,8 @@
 Every map takes ``[B, T, H, D]`` and returns ``[B, T, H, feature_dim(name, D, width)]``. Learned maps hold their
 heads' weights stacked in one parameter, ``weight [H, width, D]`` (``nn.Linear``'s order per head; ``width``
 defaults to ``D``) and, for T2R, ``bias [H, width]``: two tensors per map instead of one per head, because a
-compiled decode step checks and passes every parameter on every token (on SmolLM2-135M, 12 per-head tensors per layer cost about 1.5 ms of an 18 ms token).
+compiled decode step checks and passes every parameter on every token (on SmolLM2-135M, 12 per-head tensors per
+layer cost about 1.5 ms of an 18 ms token).
 PEFT targets them as parameters (``LoraConfig(target_parameters=["feature_map_q.weight", ...])``, one LoRA per
 head). State dicts of the earlier per-head layout (``layers.<h>.weight``) still load through ``load_state_dict``.
 
@@ -70,8 +71,9 @@ class FeatureMap(nn.Module):
         if self.name in LEARNED_FEATURE_MAPS:
             D, m = self.head_dim, self.width
             self.weight[:, :D].copy_(torch.eye(D)[:m])
-            for h in range(self.num_heads) if m > D else ():
-                nn.init.orthogonal_(self.weight[h, D:])
+            if m > D:
+                for h in range(self.num_heads):
+                    nn.init.orthogonal_(self.weight[h, D:])
             if self.bias is not None:
                 self.bias.zero_()
 

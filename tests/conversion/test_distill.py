@@ -37,7 +37,7 @@ def test_capture_matches_the_softmax_student_exactly():
 
 @pytest.mark.parametrize("make_teacher", [_llama, _gpt2])
 def test_stage1_spares_the_teacher_its_logits_and_measures_the_same_errors(make_teacher, monkeypatch):
-    teacher = _llama() if make_teacher is _llama else _gpt2()
+    teacher = make_teacher()
     student = convert(teacher, feature_map="hedgehog")
     batch = {"input_ids": torch.randint(0, 96, (2, 12))}
     shapes = []
